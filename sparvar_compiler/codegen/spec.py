@@ -1,0 +1,122 @@
+"""What identifies a kernel: its workload (``KernelSpec``) and its tuning knobs (``KernelConfig``), plus the
+input checks every kernel entry point runs before launching."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import LayoutError, SparvarError
+from ..planner.layout import BlockLayout
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BACKENDS = ("triton", "tvm")
+KINDS = ("block", "gather")
+
+
+class KernelInputError(SparvarError):
+    """Tensors that do not match a kernel: wrong rank, shape, dtype, device or strides."""
+
+
+class KernelConfigError(SparvarError):
+    """A config the kernel or the GPU cannot run (divisibility, shared memory, registers)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    raise KernelInputError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything about the problem that decides the generated kernel (not the tuning knobs).
+
+    ``scale_kind`` is ``"default"`` (1/sqrt(head_dim)) or ``"explicit"`` (a runtime argument, e.g. Infinity's
+    1.0 on L2-normalised q/k); the kernel always takes the scale as an argument, the kind only keys tuning.
+    """
+
+    backend: str
+    kind: str
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    block_m: int
+    block_n: int
+    layout_hash: str
+    token_exact: bool = False
+    return_lse: bool = False
+    scale_kind: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tuning knobs of one kernel (``num_warps``, ``num_stages`` and backend-specific extras)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+    extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict(self.extra).get(name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
+        d = dict(d)
+        nw, ns = d.pop("num_warps", 4), d.pop("num_stages", 2)
+        return cls(int(nw), int(ns), tuple(sorted(d.items())))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                           out: torch.Tensor | None = None, device_type: str | None = None) -> None:
+    """Raise :class:`KernelInputError` / :class:`LayoutError` unless q ``[B, H, Nq, D]`` and k, v
+    ``[B, H, Nkv, D]`` are same-dtype, same-device, contiguous tensors that match ``layout``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise KernelInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise KernelInputError(f"{name} must have rank 4 [batch, heads, tokens, head_dim], got shape "
+                                   f"{tuple(t.shape)}")
+        dtype_name(t.dtype)
+        if not t.is_contiguous():
+            raise KernelInputError(f"{name} must be contiguous, got strides {t.stride()}")
+        if device_type is not None and t.device.type != device_type:
+            raise KernelInputError(f"{name} is on {t.device}, this kernel runs on {device_type}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise KernelInputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise KernelInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Nq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise KernelInputError(f"k and v must be [B={B}, H={H}, Nkv, D={D}], got {tuple(k.shape)} and "
+                               f"{tuple(v.shape)}")
+    if D not in (64, 128):
+        raise KernelInputError(f"head_dim must be 64 or 128, got {D}")
+    if Nq != layout.q_len or k.shape[2] != layout.kv_len:
+        raise LayoutError(f"layout is {layout.q_len}x{layout.kv_len} tokens but q has {Nq} and k has "
+                          f"{k.shape[2]}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or not out.is_contiguous()):
+        raise KernelInputError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on "
+                               f"{q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")

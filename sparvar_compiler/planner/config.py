@@ -1,0 +1,189 @@
+"""Plan configuration: SparVAR's knobs, their defaults, and validation.
+
+Defaults (documented in the README), for a schedule of ``n`` scales and a model of ``depth`` layers:
+
+* ``decision_scale`` = ``n - 3`` (the third scale from the last; 10 for Infinity at 1024^2, where SparVAR uses
+  S = 10). SparVAR notes that S < 8 gives visible artefacts at 1024^2.
+* ``bound_layer`` = ``round(11 * depth / 40)`` (11 for Infinity-8B's 40 layers, as published).
+* ``sink_scales`` = ``min(5, n - 5)`` leading scales, always fully kept (scales 0-4 = 121 tokens at 1024^2),
+  at least 1.
+* ``windows`` (per key scale) = ``-1`` for every scale but the last five, which get ``1, 1, 3, 5, 7``
+  (``[-1 x8, 1, 1, 3, 5, 7]`` at 1024^2); ``-1`` drops a key scale unless it is a sink.
+* ``skip_last`` = 0: scale skipping (the last N scales' transformer passes are replaced by upsampling).
+* ``cs4a`` = ``"token"``: layers below the bound layer use CS4A at the scales after the decision scale; ``"block"``
+  uses the block variant D-CSLA; ``"off"`` keeps those layers dense. The fully static plan (CSLA from the
+  decision scale on, in every layer) is ``bound_layer: 0``.
+* CS4A budgets: groups of ``group_size`` = 192 queries keep the top ``topk_fraction`` = 0.2 of the decision scale's
+  keys, rounded to ``key_tile`` = 112 keys (this reproduces the published 784 of 4121), plus a local band of
+  ``band_windows`` = 7, 9, 11, ... (one per scale after the decision scale).
+* ``token_exact`` = False: active blocks are computed whole, as SparVAR does; True masks every partial block
+  to the exact CSLA token mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..errors import PlanConfigError
+
+CS4A_MODES = ("token", "block", "off")
+KEY_MAPPINGS = ("identity", "flat", "dap")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """SparVAR plan options. ``None`` means "the default for this model and schedule" (see module docstring).
+
+    After :func:`resolve_config` every field is concrete; a :class:`~sparvar_compiler.planner.plan.Plan` always
+    carries the resolved config.
+    """
+
+    decision_scale: int | None = None
+    bound_layer: int | None = None
+    sink_scales: int | None = None
+    windows: tuple[int, ...] | None = None
+    skip_last: int = 0
+    cs4a: str = "token"
+    key_mapping: str = "identity"
+    group_size: int = 192
+    topk_fraction: float = 0.2
+    key_tile: int = 112
+    band_windows: tuple[int, ...] | None = None
+    token_exact: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("windows", "band_windows"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    def replace(self, **changes: Any) -> "PlanConfig":
+        """A copy with the given fields changed; ``None`` values are ignored (CLI flags not given)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return config_from_mapping({**self.to_dict(), **changes}, "plan config")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PlanConfig)}
+
+
+def _int(value: Any, name: str, where: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise PlanConfigError(f"{where}: '{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+def _int_list(value: Any, name: str, where: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise PlanConfigError(f"{where}: '{name}' must be a list of integers, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PlanConfigError(f"{where}: '{name}' must be a non-empty list of integers, got {value!r}")
+    return tuple(_int(v, f"{name}[{i}]", where) for i, v in enumerate(value))
+
+
+def config_from_mapping(data: Any, where: str) -> PlanConfig:
+    """Parse a plan config (from YAML or JSON); unknown or malformed fields raise, naming the field."""
+    if data is None:
+        return PlanConfig()
+    if not isinstance(data, Mapping):
+        raise PlanConfigError(f"{where}: expected a mapping of plan options, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise PlanConfigError(f"{where}: unknown option '{unknown[0]}' (known: {', '.join(_FIELDS)})")
+    kw: dict[str, Any] = {}
+    for name, value in data.items():
+        if value is None:
+            continue
+        if name in ("decision_scale", "bound_layer", "sink_scales", "skip_last"):
+            kw[name] = _int(value, name, where, minimum=0)
+        elif name in ("group_size", "key_tile"):
+            kw[name] = _int(value, name, where, minimum=1)
+        elif name in ("windows", "band_windows"):
+            kw[name] = _int_list(value, name, where)
+        elif name == "cs4a":
+            if value not in CS4A_MODES:
+                raise PlanConfigError(f"{where}: 'cs4a' must be one of {', '.join(CS4A_MODES)}, got {value!r}")
+            kw[name] = value
+        elif name == "key_mapping":
+            if value not in KEY_MAPPINGS:
+                raise PlanConfigError(
+                    f"{where}: 'key_mapping' must be one of {', '.join(KEY_MAPPINGS)}, got {value!r}")
+            kw[name] = value
+        elif name == "topk_fraction":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise PlanConfigError(f"{where}: 'topk_fraction' must be a number in (0, 1], got {value!r}")
+            kw[name] = float(value)
+        elif name == "token_exact":
+            if not isinstance(value, bool):
+                raise PlanConfigError(f"{where}: 'token_exact' must be true or false, got {value!r}")
+            kw[name] = value
+    return PlanConfig(**kw)
+
+
+def load_config_file(path: str | Path) -> PlanConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanConfigError(f"plan config {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise PlanConfigError(f"{p}: not valid YAML: {e}") from None
+    return config_from_mapping(data, str(p))
+
+
+def default_windows(num_scales: int) -> tuple[int, ...]:
+    tail = (1, 1, 3, 5, 7)[-num_scales:]
+    return (-1,) * (num_scales - len(tail)) + tail
+
+
+def resolve_config(config: PlanConfig, num_scales: int, depth: int) -> PlanConfig:
+    """Fill defaults for a schedule of ``num_scales`` scales and a model of ``depth`` layers, then validate."""
+    n = num_scales
+    decision = n - 3 if config.decision_scale is None else config.decision_scale
+    decision = max(decision, 1)
+    bound = round(11 * depth / 40) if config.bound_layer is None else config.bound_layer
+    sinks = max(1, min(5, n - 5)) if config.sink_scales is None else config.sink_scales
+    windows = default_windows(n) if config.windows is None else config.windows
+    extra = n - 1 - decision
+    bands = tuple(7 + 2 * i for i in range(max(extra, 0))) if config.band_windows is None else config.band_windows
+
+    where = "plan config"
+    if not 1 <= decision <= n - 1:
+        raise PlanConfigError(
+            f"{where}: decision_scale {decision} is out of range: this schedule has scales 0..{n - 1}, "
+            f"and the decision scale must be between 1 and {n - 1}")
+    if bound > depth:
+        raise PlanConfigError(f"{where}: bound_layer {bound} is out of range: the model has {depth} layers "
+                              f"(0..{depth - 1}; {depth} means no CSLA layer)")
+    if sinks > decision:
+        raise PlanConfigError(f"{where}: sink_scales {sinks} must not exceed the decision scale {decision}")
+    if len(windows) != n:
+        raise PlanConfigError(
+            f"{where}: windows has {len(windows)} entries but the schedule has {n} scales "
+            "(one window per key scale; -1 drops a scale)")
+    for i, r in enumerate(windows):
+        if r == 0 or r < -1:
+            raise PlanConfigError(f"{where}: windows[{i}] = {r}: a window is -1 (drop) or a positive size")
+    if config.skip_last >= n - decision:
+        raise PlanConfigError(
+            f"{where}: skip_last {config.skip_last} would skip the decision scale {decision} "
+            f"(at most {n - decision - 1} of the {n} scales can be skipped)")
+    if len(bands) < max(extra, 0):
+        raise PlanConfigError(
+            f"{where}: band_windows has {len(bands)} entries; it needs one per scale after the decision scale "
+            f"({extra})")
+    for i, r in enumerate(bands):
+        if r < 1:
+            raise PlanConfigError(f"{where}: band_windows[{i}] = {r} must be positive")
+    return dataclasses.replace(config, decision_scale=decision, bound_layer=bound, sink_scales=sinks,
+                               windows=tuple(windows), band_windows=tuple(bands[: max(extra, 0)]))
