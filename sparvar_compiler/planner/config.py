@@ -149,8 +149,7 @@ def default_windows(num_scales: int) -> tuple[int, ...]:
 def resolve_config(config: PlanConfig, num_scales: int, depth: int) -> PlanConfig:
     """Fill defaults for a schedule of ``num_scales`` scales and a model of ``depth`` layers, then validate."""
     n = num_scales
-    decision = n - 3 if config.decision_scale is None else config.decision_scale
-    decision = max(decision, 1)
+    decision = max(n - 3, 1) if config.decision_scale is None else config.decision_scale
     bound = round(11 * depth / 40) if config.bound_layer is None else config.bound_layer
     sinks = max(1, min(5, n - 5)) if config.sink_scales is None else config.sink_scales
     windows = default_windows(n) if config.windows is None else config.windows

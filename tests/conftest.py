@@ -1,0 +1,13 @@
+import os
+
+import numpy as np
+import pytest
+
+# Matplotlib must never try a display in CI.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test, seeded from the OS: inputs are new every run."""
+    return np.random.default_rng()

@@ -1,0 +1,71 @@
+"""The command line: plan views, exports, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparvar_compiler.cli import main
+from sparvar_compiler.planner import csla_layout, make_plan
+
+
+def test_plan_json(capsys):
+    assert main(["plan", "--model", "infinity-8b", "--json", "--block-m", "64", "--block-n", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    scales = out["scales"]
+    assert [s["kv_len"] for s in scales][-1] == 10521
+    for s in scales:
+        assert {"index", "h", "w", "tokens", "kv_len"} <= set(s)
+    lay = scales[12]["layout"]
+    assert (lay["block_m"], lay["block_n"], lay["q_blocks"], lay["kv_blocks"]) == (64, 64, 64, 165)
+    assert round(100 * lay["sparsity"], 1) == 87.9
+    assert "layout" not in scales[9]
+
+
+def test_plan_table_and_exports(tmp_path, capsys):
+    args = ["plan", "--model", "infinity-2b", "--aspect", "4:3", "--export-layouts", str(tmp_path / "npy"),
+            "--plot", str(tmp_path / "png")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "decision 0-8, csla 9-31" in text and "image self-attention" in text
+    plan = make_plan("infinity-2b", 1024, "4:3")
+    for s in (10, 11, 12):
+        arr = np.load(tmp_path / "npy" / f"scale{s}.npy", allow_pickle=False)
+        assert arr.dtype == bool and np.array_equal(arr, csla_layout(plan, s, 128, 128).active())
+        assert (tmp_path / "png" / f"scale{s}.png").stat().st_size > 1000
+    assert not (tmp_path / "npy" / "scale9.npy").exists()
+
+
+def test_windows_flag_shorthand(capsys):
+    assert main(["plan", "--model", "infinity-8b", "--json", "--windows=-1x8,1,1,3,5,9"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["windows"][-1] == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nope", "--gpu", "h100"], "unknown model 'nope'"),
+    (["--model", "infinity-8b", "--gpu", "v100"], "unknown GPU 'v100'; known GPUs: h100"),
+    (["plan", "--model", "infinity-8b", "--aspect", "16:9"], "unknown aspect ratio '16:9'"),
+    (["plan", "--model", "infinity-8b", "--windows=1,1,3"], "windows has 3 entries"),
+    (["plan", "--model", "infinity-8b", "--decision-scale", "13"], "decision_scale 13 is out of range"),
+    (["plan", "--model", "infinity-8b", "--block-m", "96"], "--block-m must be a power of two"),
+    (["plan", "--model", "infinity-8b", "--plan-config", "/nonexistent.yaml"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_entry_point_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "sparvar_compiler", "--model", "infinity-9b", "--gpu", "h100"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown model 'infinity-9b'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_main_job_prints_plan(capsys):
+    assert main(["--model", "infinity-8b", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "target: h100 (sm_90, 132 SMs)" in out and "79.0%" in out
