@@ -10,6 +10,8 @@ from typing import Any
 
 import jinja2
 
+from ..resources import data_dir
+
 
 class TemplateError(RuntimeError):
     """A template failed to render (undefined variable, syntax error, missing template)."""
@@ -18,7 +20,7 @@ class TemplateError(RuntimeError):
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("sparvar_compiler", "templates"),
+        loader=jinja2.FileSystemLoader(str(data_dir("templates"))),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

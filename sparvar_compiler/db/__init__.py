@@ -1,0 +1,23 @@
+"""Tuning database: every trial of every kernel config, the winner per workload and target, and the
+environment each was measured in.
+
+Stage "db" of the pipeline (tuner -> **db** -> emitter). A SQLite file by default, any SQLAlchemy URL for a
+shared fleet; see :mod:`.store`. Keys are in :mod:`.keys`, the reuse policy in :mod:`.environment`, schema
+versions in :mod:`.migrations`, JSON export/import in :mod:`.exchange`.
+"""
+
+from .environment import Mismatch, SoftMismatchWarning, classify_mismatch, collect_environment
+from .exchange import build_shipped_database, export_document, export_json, import_document, import_json
+from .keys import config_key, target_key, workload_key
+from .schema import (INVALID_REASONS, SCHEMA_VERSION, CorruptRecordError, EnvironmentMismatchError,
+                     ExchangeFormatError, SchemaVersionError, TuningDatabaseError)
+from .store import (LayeredDatabase, TrialRecord, TuningDatabase, freeze_sqlite, shipped_database_path,
+                    user_database_path)
+
+__all__ = [
+    "INVALID_REASONS", "SCHEMA_VERSION", "CorruptRecordError", "EnvironmentMismatchError", "ExchangeFormatError",
+    "LayeredDatabase", "Mismatch", "SchemaVersionError", "SoftMismatchWarning", "TrialRecord", "TuningDatabase",
+    "TuningDatabaseError", "build_shipped_database", "classify_mismatch", "collect_environment", "config_key",
+    "export_document", "export_json", "freeze_sqlite", "import_document", "import_json", "shipped_database_path",
+    "target_key", "user_database_path", "workload_key",
+]

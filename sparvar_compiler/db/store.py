@@ -1,0 +1,676 @@
+"""The tuning database: open, record trials, look up winners.
+
+A database is a SQLite file by default (WAL mode, so readers never block the writer and several processes can
+tune at once) or any SQLAlchemy URL, e.g. ``postgresql+psycopg://user@host/db`` for a fleet. Every write is one
+transaction: a trial and the winner update it causes commit together or not at all.
+
+Where the files are
+-------------------
+* :func:`shipped_database_path` - ``sparvar_compiler/tuning_db/sparvar.sqlite``, package data, opened
+  read-only (and immutable, so no ``-wal``/``-shm`` files are created beside it).
+* :func:`user_database_path` - ``$SPARVAR_CACHE_DIR/tuning.sqlite`` or ``~/.cache/sparvar/tuning.sqlite``:
+  where :meth:`TuningDatabase.open` writes when no URL or path is given.
+
+:class:`LayeredDatabase` reads winners from the user database first and the shipped one second, and writes
+only to the user database.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sqlite3
+import statistics
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
+
+from .environment import SoftMismatchWarning, classify_mismatch, collect_environment, target_of
+from .keys import (canonical_json, config_key, resolve_config, resolve_target, resolve_workload, target_key,
+                   workload_key)
+from .migrations import check_supported, schema_version, upgrade
+from .schema import (INVALID_REASONS, SCHEMA_VERSION, CorruptRecordError, EnvironmentMismatchError,
+                     SchemaVersionError, Target, Trial, TuningDatabaseError, Winner, Workload, utcnow)
+
+BUSY_TIMEOUT_MS = 30_000
+_WRITE = "sparvar_write"  # execution option: begin SQLite transactions with BEGIN IMMEDIATE
+_NAME_LENGTH = 128
+# Dialects with INSERT .. ON CONFLICT DO NOTHING; any other dialect uses a savepoint per insert.
+_NATIVE_UPSERT = {"sqlite": sqlite_insert, "postgresql": pg_insert}
+
+
+def user_database_path() -> Path:
+    """``$SPARVAR_CACHE_DIR/tuning.sqlite``, else ``~/.cache/sparvar/tuning.sqlite``."""
+    root = os.environ.get("SPARVAR_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "sparvar"
+    return base / "tuning.sqlite"
+
+
+def shipped_database_path() -> Path:
+    """The read-only database shipped with the package (``tuning_db/sparvar.sqlite`` in a checkout)."""
+    from ..resources import data_dir
+
+    return data_dir("tuning_db") / "sparvar.sqlite"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One stored trial, checked on read (see :class:`~.schema.Trial` for the fields)."""
+
+    id: int
+    workload_key: str
+    target_key: str
+    config: dict[str, Any]
+    config_key: str
+    timings_ms: tuple[float, ...]
+    median_ms: float | None
+    valid: bool
+    reason: str | None
+    detail: str | None
+    environment: dict[str, Any]
+    study: str
+    worker: str | None
+    created_at: datetime
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+def _check_timings(timings: Any, where: str, error: type[TuningDatabaseError]) -> tuple[float, ...]:
+    if not isinstance(timings, (list, tuple)):
+        raise error(f"{where}: timings must be a list of milliseconds, got {type(timings).__name__}")
+    for t in timings:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise error(f"{where}: every timing must be a finite positive number of ms, got {t!r}")
+    return tuple(float(t) for t in timings)
+
+
+def _check_name(value: Any, what: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value or len(value) > _NAME_LENGTH:
+        raise TuningDatabaseError(f"{what} must be a non-empty string of at most {_NAME_LENGTH} characters, "
+                                  f"got {value!r}")
+
+
+def _check_environment(env: Any, where: str, error: type[TuningDatabaseError]) -> dict[str, Any]:
+    if not isinstance(env, Mapping) or not all(isinstance(k, str) for k in env):
+        raise error(f"{where}: environment must be a mapping with string keys, got {env!r}")
+    for k, v in env.items():
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise error(f"{where}: environment field {k!r} must be a JSON scalar, got {type(v).__name__}")
+    try:
+        canonical_json(dict(env))
+    except ValueError as e:
+        raise error(f"{where}: environment is not JSON: {e}") from None
+    return dict(env)
+
+
+def _as_utc(t: datetime) -> datetime:
+    # SQLite keeps no zone; every time we store is UTC.
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _trial_record(t: Trial) -> TrialRecord:
+    """Check a stored trial row; a malformed one raises :class:`CorruptRecordError`, it is never used."""
+    where = f"trial {t.id}"
+
+    def bad(msg: str) -> CorruptRecordError:
+        return CorruptRecordError(f"corrupt tuning record: {where}: {msg}")
+
+    if not isinstance(t.config, dict):
+        raise bad(f"config must be a JSON object, got {type(t.config).__name__}")
+    try:
+        key = config_key(t.config)
+    except TuningDatabaseError as e:
+        raise bad(str(e)) from None
+    if key != t.config_key:
+        raise bad(f"config key {t.config_key} does not match its config {t.config} ({key})")
+    timings = _check_timings(t.timings_ms, where, CorruptRecordError)
+    if t.valid is True:
+        if not timings or t.reason is not None:
+            raise bad("a valid trial must have timings and no invalid reason")
+        if t.median_ms is None or not math.isclose(t.median_ms, statistics.median(timings), rel_tol=1e-12):
+            raise bad(f"median {t.median_ms} is not the median of its timings")
+    elif t.valid is False:
+        if t.reason not in INVALID_REASONS:
+            raise bad(f"invalid reason {t.reason!r} is not one of {INVALID_REASONS}")
+    else:
+        raise bad(f"valid flag must be a boolean, got {t.valid!r}")
+    env = _check_environment(t.environment, where, CorruptRecordError)
+    if not isinstance(t.study, str) or not t.study:
+        raise bad(f"study must be a non-empty string, got {t.study!r}")
+    return TrialRecord(t.id, t.workload_key, t.target_key, dict(t.config), t.config_key, timings, t.median_ms,
+                       t.valid, t.reason, t.detail, env, t.study, t.worker, _as_utc(t.created_at))
+
+
+def _checked_workload(row: Workload) -> dict[str, Any]:
+    try:
+        ok = isinstance(row.spec, dict) and workload_key(row.spec) == row.key
+    except TuningDatabaseError:
+        ok = False
+    if not ok:
+        raise CorruptRecordError(f"corrupt tuning record: workload {row.key}: its spec {row.spec!r} does not "
+                                 f"hash to its key")
+    return resolve_workload(row.spec)
+
+
+def _checked_target(row: Target) -> dict[str, Any]:
+    try:
+        ok = target_key(row.to_dict()) == row.key
+    except TuningDatabaseError:
+        ok = False
+    if not ok:
+        raise CorruptRecordError(f"corrupt tuning record: target {row.key}: {row.to_dict()} does not hash to its "
+                                 f"key")
+    return row.to_dict()
+
+
+def _key_of(value: Mapping[str, Any] | str, resolve, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return resolve(value)
+    raise TuningDatabaseError(f"{what} must be a key string or a mapping, got {type(value).__name__}")
+
+
+@functools.cache
+def _this_environment() -> dict[str, Any]:
+    return collect_environment()
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+
+def _sqlite_engine(path: Path, readonly: bool, immutable: bool) -> Engine:
+    path = path.expanduser().resolve()
+    if readonly:
+        if not path.is_file():
+            raise TuningDatabaseError(f"no tuning database at {path}")
+        uri = path.as_uri() + "?mode=ro" + ("&immutable=1" if immutable else "")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = path.as_uri()
+
+    def connect() -> sqlite3.Connection:
+        # isolation_level=None: the driver must not issue its own BEGIN; the "begin" listener below does.
+        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")  # BUSY_TIMEOUT_MS; SQL text is never built from values
+        cur.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        # A writer takes the write lock up front: a deferred transaction that reads and then writes cannot wait
+        # for a concurrent writer (SQLITE_BUSY_SNAPSHOT), it can only fail.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+    return engine
+
+
+def freeze_sqlite(path: str | Path) -> None:
+    """Make a SQLite database a single self-contained file for shipping: rollback journal, vacuumed.
+
+    A WAL database needs ``-wal``/``-shm`` files beside it even to be read, which a read-only install location
+    cannot hold.
+    """
+    conn = sqlite3.connect(Path(path).expanduser().resolve().as_uri(), uri=True, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------- database
+
+class TuningDatabase:
+    """Trials, winners, targets and workloads in one SQLAlchemy database. Use :meth:`open`."""
+
+    def __init__(self, engine: Engine, url: str, readonly: bool, storage_url: str | None = None) -> None:
+        self._base = engine
+        # A full SQLAlchemy URL (password included) for Optuna's study storage on the same database.
+        self.storage_url = storage_url or engine.url.render_as_string(hide_password=False)
+        self._engine = engine
+        if readonly and engine.dialect.name == "postgresql":
+            self._engine = engine.execution_options(postgresql_readonly=True)
+        self._write_engine = engine.execution_options(**{_WRITE: True})
+        self.url = url
+        self.readonly = readonly
+        try:
+            if readonly:
+                with self._engine.connect() as conn:
+                    found = schema_version(conn)
+                check_supported(found)
+                if found == 0:
+                    raise SchemaVersionError(f"{url} is not an initialised tuning database")
+                if found < SCHEMA_VERSION:
+                    raise SchemaVersionError(f"{url} has schema version {found}, older than {SCHEMA_VERSION}; "
+                                             f"open it writable once to migrate it")
+            else:
+                with self._write_engine.begin() as conn:
+                    upgrade(conn)
+        except SQLAlchemyError as e:
+            engine.dispose()
+            raise TuningDatabaseError(f"cannot open the tuning database {url}: {e}") from e
+        except BaseException:
+            engine.dispose()
+            raise
+
+    @classmethod
+    def open(cls, url_or_path: str | os.PathLike | None = None, readonly: bool = False) -> "TuningDatabase":
+        """Open (creating and migrating when writable) a tuning database.
+
+        Parameters
+        ----------
+        url_or_path:
+            A file path or ``sqlite:///path`` URL (a SQLite file in WAL mode), any other SQLAlchemy URL such as
+            ``postgresql+psycopg://user@host:5432/db``, or None for :func:`user_database_path`.
+        readonly:
+            Refuse writes; the database must exist and be at the current schema version.
+
+        Raises
+        ------
+        SchemaVersionError
+            The schema is newer than this code, or older and ``readonly``, or the database is not ours.
+        TuningDatabaseError
+            Anything else that keeps it from opening.
+        """
+        if url_or_path is None:
+            url_or_path = user_database_path()
+        text = os.fspath(url_or_path)
+        if "://" not in text:
+            path = Path(text).expanduser()
+            return cls(_sqlite_engine(path, readonly, False), str(path), readonly, f"sqlite:///{path.resolve()}")
+        url = make_url(text)
+        if url.get_backend_name() == "sqlite":
+            if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
+                raise TuningDatabaseError(f"a SQLite tuning database must be a plain file path, got {text!r}")
+            path = Path(url.database).expanduser()
+            return cls(_sqlite_engine(path, readonly, False), url.database, readonly, f"sqlite:///{path.resolve()}")
+        return cls(create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True), readonly)
+
+    @classmethod
+    def open_shipped(cls, path: str | os.PathLike | None = None) -> "TuningDatabase":
+        """The shipped database (or a frozen SQLite file at ``path``), read-only and immutable."""
+        path = Path(path) if path is not None else shipped_database_path()
+        return cls(_sqlite_engine(path, readonly=True, immutable=True), str(path), readonly=True)
+
+    def close(self) -> None:
+        self._base.dispose()
+
+    def __enter__(self) -> "TuningDatabase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TuningDatabase({self.url!r}, readonly={self.readonly})"
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with Session(self._engine, expire_on_commit=False) as s, s.begin():
+            try:
+                yield s
+            except json.JSONDecodeError as e:
+                raise CorruptRecordError(f"corrupt tuning record: a JSON column does not parse: {e}") from None
+
+    @contextmanager
+    def batch(self) -> Iterator["Writer"]:
+        """One write transaction: everything recorded through the yielded :class:`Writer` commits together
+        when the block ends, or not at all if it raises.
+
+        On PostgreSQL, keep concurrent batches small or disjoint: two batches recording the same trials in
+        different orders can deadlock, and the server then aborts one of them.
+        """
+        if self.readonly:
+            raise TuningDatabaseError(f"{self.url} is opened read-only")
+        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+            yield Writer(s)
+
+    # Writes: each its own transaction.
+    def add_target(self, gpu: Mapping[str, Any]) -> str:
+        """Store a target (``GpuSpec.to_dict()`` or ``{"name", "arch", "sm_count"}``); returns its key."""
+        with self.batch() as w:
+            return w.add_target(gpu)
+
+    def add_workload(self, spec: Mapping[str, Any]) -> str:
+        """Store a workload (``KernelSpec.to_dict()``); returns its key."""
+        with self.batch() as w:
+            return w.add_workload(spec)
+
+    def record_trial(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+                     config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
+                     reason: str | None = None, detail: str | None = None,
+                     environment: Mapping[str, Any] | None = None, study: str = "default",
+                     worker: str | None = None) -> int:
+        """Record one trial and, if it is valid and the best so far, make it the winner; see
+        :meth:`Writer.record_trial`."""
+        with self.batch() as w:
+            return w.record_trial(workload, target, config, timings_ms, valid=valid, reason=reason,
+                                  detail=detail, environment=environment, study=study, worker=worker)
+
+    # Reads.
+    def winner(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+               environment: Mapping[str, Any] | None = None) -> TrialRecord | None:
+        """The best valid trial of a workload on a target, or None if there is none.
+
+        Parameters
+        ----------
+        workload, target:
+            Keys, or the spec / GPU mappings they are computed from.
+        environment:
+            Where the kernel will be built and run (:func:`~.environment.collect_environment`). Given, the
+            record's environment and target are compared with it: a hard mismatch raises, a soft one warns.
+            When compiling for a card that is not the one present, leave the ``gpu_*``/``sm_count`` fields out.
+
+        Raises
+        ------
+        EnvironmentMismatchError
+            A hard mismatch; the message names every differing field.
+        CorruptRecordError
+            The stored winner, its workload or its target is malformed.
+
+        Warns
+        -----
+        SoftMismatchWarning
+            A soft mismatch; the record is returned.
+        """
+        wk = _key_of(workload, workload_key, "workload")
+        tk = _key_of(target, target_key, "target")
+        with self._reading() as s:
+            row = s.get(Winner, (wk, tk))
+            if row is None:
+                return None
+            trial = s.get(Trial, row.trial_id)
+            if trial is None or (trial.workload_key, trial.target_key) != (wk, tk):
+                raise CorruptRecordError(f"corrupt tuning record: the winner of workload {wk} on target {tk} "
+                                         f"points at trial {row.trial_id}, which is not one of theirs")
+            record = _trial_record(trial)
+            if not record.valid:
+                raise CorruptRecordError(f"corrupt tuning record: winner trial {record.id} is invalid")
+            _checked_workload(s.get(Workload, wk))
+            stored_target = _checked_target(s.get(Target, tk))
+        if environment is not None:
+            hard, soft = classify_mismatch(record.environment, environment, stored_target, target_of(environment))
+            what = f"tuning record {record.id} ({stored_target['name']}, workload {wk[:12]})"
+            if hard:
+                raise EnvironmentMismatchError(f"{what} was measured elsewhere and cannot be reused: "
+                                               + "; ".join(map(str, hard)))
+            if soft:
+                warnings.warn(SoftMismatchWarning(f"{what} is used although "
+                                                  + "; ".join(map(str, soft))), stacklevel=2)
+        return record
+
+    def trials(self, workload: Mapping[str, Any] | str | None = None,
+               target: Mapping[str, Any] | str | None = None, *, study: str | None = None,
+               valid: bool | None = None) -> list[TrialRecord]:
+        """Stored trials in recording order, filtered by any of workload, target, study and validity."""
+        query = select(Trial).order_by(Trial.id)
+        if workload is not None:
+            query = query.where(Trial.workload_key == _key_of(workload, workload_key, "workload"))
+        if target is not None:
+            query = query.where(Trial.target_key == _key_of(target, target_key, "target"))
+        if study is not None:
+            query = query.where(Trial.study == study)
+        if valid is not None:
+            query = query.where(Trial.valid == valid)
+        with self._reading() as s:
+            return [_trial_record(t) for t in s.scalars(query)]
+
+    def workload(self, key: str) -> dict[str, Any] | None:
+        """The resolved spec stored under ``key`` (checked), or None."""
+        with self._reading() as s:
+            row = s.get(Workload, key)
+            return None if row is None else _checked_workload(row)
+
+    def target(self, key: str) -> dict[str, Any] | None:
+        """The target stored under ``key`` (checked), or None."""
+        with self._reading() as s:
+            row = s.get(Target, key)
+            return None if row is None else _checked_target(row)
+
+    def workloads(self) -> dict[str, dict[str, Any]]:
+        with self._reading() as s:
+            return {row.key: _checked_workload(row) for row in s.scalars(select(Workload).order_by(Workload.key))}
+
+    def targets(self) -> dict[str, dict[str, Any]]:
+        with self._reading() as s:
+            return {row.key: _checked_target(row) for row in s.scalars(select(Target).order_by(Target.key))}
+
+    def winner_keys(self) -> list[tuple[str, str]]:
+        """(workload key, target key) of every winner."""
+        with self._reading() as s:
+            rows = s.execute(select(Winner.workload_key, Winner.target_key)
+                             .order_by(Winner.workload_key, Winner.target_key))
+            return [tuple(r) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts: ``targets``, ``workloads``, ``winners``, and ``trials`` as ``{"total", "valid",
+        "invalid": {reason: n for every reason}}``, plus ``schema_version``."""
+        with self._reading() as s:
+            count = lambda model: s.scalar(select(func.count()).select_from(model))  # noqa: E731
+            rows = s.execute(select(Trial.reason, func.count()).where(Trial.valid.is_(False))
+                             .group_by(Trial.reason))
+            by_reason = {reason: n for reason, n in rows}
+            valid = s.scalar(select(func.count()).select_from(Trial).where(Trial.valid.is_(True)))
+            out = {"schema_version": schema_version(s.connection()), "targets": count(Target),
+                   "workloads": count(Workload), "winners": count(Winner)}
+        invalid = {r: by_reason.pop(r, 0) for r in INVALID_REASONS}
+        invalid.update(by_reason)  # reasons only a corrupt row could hold stay visible
+        out["trials"] = {"total": valid + sum(invalid.values()), "valid": valid, "invalid": invalid}
+        return out
+
+
+class Writer:
+    """Writes inside one :meth:`TuningDatabase.batch` transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self._s = session
+
+    def _insert_ignore(self, model, values: dict[str, Any], unique: list[str]) -> bool:
+        """Insert unless a row with the same ``unique`` columns exists (or is being inserted by a concurrent
+        transaction, whose outcome this waits for); True if this call inserted it."""
+        build = _NATIVE_UPSERT.get(self._s.get_bind().dialect.name)
+        if build is not None:
+            # RETURNING says whether a row went in (rowcount is not reliable once RETURNING is implied).
+            stmt = (build(model).values(**values).on_conflict_do_nothing(index_elements=unique)
+                    .returning(*model.__table__.primary_key.columns))
+            return self._s.execute(stmt).first() is not None
+        try:  # other dialects: a savepoint survives the unique violation
+            with self._s.begin_nested():
+                self._s.execute(insert(model).values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    def add_target(self, gpu: Mapping[str, Any]) -> str:
+        resolved = resolve_target(gpu)
+        key = target_key(resolved)
+        self._insert_ignore(Target, {"key": key, **resolved, "created_at": utcnow()}, ["key"])
+        return key
+
+    def add_workload(self, spec: Mapping[str, Any]) -> str:
+        resolved = resolve_workload(spec)
+        key = workload_key(resolved)
+        self._insert_ignore(Workload, {"key": key, "spec": resolved, "created_at": utcnow()}, ["key"])
+        return key
+
+    def _existing(self, model, key: str, what: str) -> str:
+        if self._s.get(model, key) is None:
+            raise TuningDatabaseError(f"unknown {what} key {key}; pass the {what} itself to add it")
+        return key
+
+    def record_trial(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+                     config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
+                     reason: str | None = None, detail: str | None = None,
+                     environment: Mapping[str, Any] | None = None, study: str = "default",
+                     worker: str | None = None) -> int:
+        """Record a trial once; returns its id.
+
+        Parameters
+        ----------
+        workload, target:
+            ``KernelSpec.to_dict()`` / ``GpuSpec.to_dict()`` (stored if new) or the key of a stored one.
+        config:
+            ``KernelConfig.to_dict()``; keyed by :func:`~.keys.config_key`.
+        timings_ms:
+            Every measured time; a valid trial needs at least one, and its median ranks it.
+        valid, reason, detail:
+            An invalid trial needs ``reason`` from :data:`~.schema.INVALID_REASONS`; ``detail`` is free text.
+        environment:
+            Where it was measured; defaults to :func:`~.environment.collect_environment` of this process.
+        study, worker:
+            Which tuning run and which process recorded it.
+
+        Returns
+        -------
+        int
+            The id of the new trial, or of the trial already stored with the same workload, target, config and
+            study (then nothing is written: the first record stands).
+        """
+        return self.record(workload, target, config, timings_ms, valid=valid, reason=reason, detail=detail,
+                           environment=environment, study=study, worker=worker)[0]
+
+    def record(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+               config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
+               reason: str | None = None, detail: str | None = None, environment: Mapping[str, Any] | None = None,
+               study: str = "default", worker: str | None = None,
+               created_at: datetime | None = None) -> tuple[int, bool]:
+        """:meth:`record_trial` that also says whether this call inserted the trial, and can keep the time
+        it was first recorded (``created_at``, for imports)."""
+        if not isinstance(valid, bool):
+            raise TuningDatabaseError(f"valid must be a bool, got {valid!r}")
+        timings = _check_timings(timings_ms, "trial", TuningDatabaseError)
+        if valid and (reason is not None or not timings):
+            raise TuningDatabaseError("a valid trial needs timings and no invalid reason")
+        if not valid and reason not in INVALID_REASONS:
+            raise TuningDatabaseError(f"an invalid trial needs a reason from {INVALID_REASONS}, got {reason!r}")
+        if detail is not None and not isinstance(detail, str):
+            raise TuningDatabaseError(f"detail must be a string, got {type(detail).__name__}")
+        _check_name(study, "study", optional=False)
+        _check_name(worker, "worker", optional=True)
+        env = _check_environment(_this_environment() if environment is None else environment, "trial",
+                                 TuningDatabaseError)
+        resolved_config = resolve_config(config)
+        ck = config_key(resolved_config)
+        wk = (self._existing(Workload, workload, "workload") if isinstance(workload, str)
+              else self.add_workload(workload))
+        tk = self._existing(Target, target, "target") if isinstance(target, str) else self.add_target(target)
+        median = statistics.median(timings) if valid else None
+        values = {"workload_key": wk, "target_key": tk, "config": resolved_config, "config_key": ck,
+                  "timings_ms": list(timings), "median_ms": median, "valid": valid, "reason": reason,
+                  "detail": detail, "environment": env, "study": study, "worker": worker,
+                  "created_at": created_at or utcnow()}
+        inserted = self._insert_ignore(Trial, values, ["workload_key", "target_key", "config_key", "study"])
+        trial_id = self._s.scalar(select(Trial.id).where(Trial.workload_key == wk, Trial.target_key == tk,
+                                                         Trial.config_key == ck, Trial.study == study))
+        if trial_id is None:
+            raise TuningDatabaseError(f"trial for workload {wk} on target {tk} was neither inserted nor found")
+        if inserted and valid:
+            self._offer_winner(wk, tk, trial_id, median)
+        return trial_id, inserted
+
+    def _offer_winner(self, wk: str, tk: str, trial_id: int, median: float) -> None:
+        if self._insert_ignore(Winner, {"workload_key": wk, "target_key": tk, "trial_id": trial_id,
+                                        "updated_at": utcnow()}, ["workload_key", "target_key"]):
+            return
+        # Row lock on PostgreSQL; SQLite's write transaction already excludes other writers.
+        row = self._s.scalars(select(Winner).where(Winner.workload_key == wk, Winner.target_key == tk)
+                              .with_for_update()).one()
+        best = self._s.execute(select(Trial.median_ms, Trial.valid).where(Trial.id == row.trial_id)).one()
+        # Lower median wins; a tie keeps the earlier trial (lower id), so racing writers agree on one winner.
+        beaten = not best.valid or best.median_ms is None or (median, trial_id) < (best.median_ms, row.trial_id)
+        if beaten:
+            row.trial_id = trial_id
+            row.updated_at = utcnow()
+            self._s.flush()
+
+
+class LayeredDatabase:
+    """Winners from several databases, first match wins; writes go to the first.
+
+    The usual stack is the user's database over the shipped one (:meth:`open_default`). A layer whose record is
+    refused for a hard environment mismatch is passed over; if no layer has a usable record the first refusal
+    is raised.
+    """
+
+    def __init__(self, writable: TuningDatabase, *fallbacks: TuningDatabase) -> None:
+        self.layers: tuple[TuningDatabase, ...] = (writable, *fallbacks)
+
+    @classmethod
+    def open_default(cls, user: str | os.PathLike | None = None, shipped: bool = True) -> "LayeredDatabase":
+        """The user database (``user`` or :func:`user_database_path`) over the shipped one, if present."""
+        top = TuningDatabase.open(user)
+        path = shipped_database_path() if shipped else None
+        if path is not None and path.is_file():
+            try:
+                return cls(top, TuningDatabase.open_shipped(path))
+            except BaseException:
+                top.close()
+                raise
+        return cls(top)
+
+    @property
+    def user(self) -> TuningDatabase:
+        return self.layers[0]
+
+    def winner(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+               environment: Mapping[str, Any] | None = None) -> TrialRecord | None:
+        """:meth:`TuningDatabase.winner` of the first layer that has a usable one."""
+        refused: EnvironmentMismatchError | None = None
+        for layer in self.layers:
+            try:
+                found = layer.winner(workload, target, environment)
+            except EnvironmentMismatchError as e:
+                refused = refused or e
+                continue
+            if found is not None:
+                return found
+        if refused is not None:
+            raise refused
+        return None
+
+    def record_trial(self, *args, **kwargs) -> int:
+        """:meth:`TuningDatabase.record_trial` on the writable layer."""
+        return self.user.record_trial(*args, **kwargs)
+
+    def batch(self):
+        return self.user.batch()
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self) -> "LayeredDatabase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

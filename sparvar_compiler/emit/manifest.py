@@ -1,0 +1,99 @@
+"""The runtime module's manifest: what it holds, and the checks that refuse a damaged or mismatched module.
+
+A module is a directory::
+
+    manifest.json        model, schedule, plan, target GPU, environment, per (scale, layer) dispatch,
+                         kernels (launch metadata, config, tuned flag) and a sha256 of every other file
+    layouts/*.npz        BlockLayouts and kernel tables (numpy npz, no pickle)
+    kernels/*.cubin      compiled kernels for the target GPU
+    README.txt           how to load it
+
+``verify_module`` re-hashes every file and checks the manifest's structure without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import SparvarError
+
+MANIFEST = "manifest.json"
+FORMAT = "sparvar-module"
+FORMAT_VERSION = 1
+
+
+class ModuleError(SparvarError):
+    """A runtime module that is incomplete, tampered with, or built for something else."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise ModuleError(f"{d}: not a directory")
+    if not path.is_file():
+        raise ModuleError(f"{d}: missing {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModuleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModuleError(f"{path}: not a sparvar runtime module manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModuleError(f"{path}: module format version {manifest.get('format_version')!r}, this sparvar "
+                          f"reads version {FORMAT_VERSION}")
+    for key in ("model", "plan", "target", "environment", "files", "dispatch", "kernels"):
+        if key not in manifest:
+            raise ModuleError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+def verify_module(directory: str | Path, gpu: str | None = None) -> dict[str, Any]:
+    """Check a module without a GPU: manifest structure, every file present with its recorded sha256, no file
+    outside the manifest's list, dispatch entries pointing at existing kernels, and (if ``gpu`` is given) that
+    the module was built for that GPU. Returns the manifest; raises :class:`ModuleError` with the reason."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise ModuleError("manifest 'files' must map relative paths to sha256")
+    for rel, digest in sorted(files.items()):
+        p = d / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ModuleError(f"manifest lists a path outside the module: {rel}")
+        if not p.is_file():
+            raise ModuleError(f"missing file {rel}")
+        actual = sha256_file(p)
+        if actual != digest:
+            raise ModuleError(f"file {rel} was modified: sha256 {actual[:16]}... does not match the manifest's "
+                              f"{str(digest)[:16]}...")
+    present = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - set(files))
+    if extra:
+        raise ModuleError(f"file {extra[0]} is not listed in the manifest")
+    kernels = manifest["kernels"]
+    for entry in manifest["dispatch"]:
+        kname = entry.get("kernel")
+        if kname is not None and kname not in kernels:
+            raise ModuleError(f"dispatch of scale {entry.get('scale')} layer {entry.get('layer')} names unknown "
+                              f"kernel {kname}")
+    for kname, k in kernels.items():
+        for key in ("binary", "layout", "meta", "tuned"):
+            if key not in k:
+                raise ModuleError(f"kernel {kname} has no '{key}'")
+        if k["binary"] not in files or k["layout"] not in files:
+            raise ModuleError(f"kernel {kname} refers to a file that is not in the manifest")
+    if gpu is not None and manifest["target"].get("name") != gpu:
+        raise ModuleError(f"module was built for {manifest['target'].get('name')}, not {gpu}")
+    return manifest
