@@ -20,7 +20,7 @@ from .planner import (PlanConfig, csla_layout, format_summary, get_gpu, get_mode
                       load_config_file, make_plan, plan_summary)
 from .planner.layout import check_block_size
 
-COMMANDS = ("compile", "plan", "models", "gpus")
+COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus")
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -90,12 +90,152 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_db(url: str | None, writable: bool = False):
+    from .db import LayeredDatabase, TuningDatabase
+
+    if url:
+        return TuningDatabase.open(url)
+    return LayeredDatabase.open_default() if writable else LayeredDatabase.open_default()
+
+
+def _local_gpu_matches(gpu) -> bool:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        props = torch.cuda.get_device_properties(0)
+        return f"sm_{props.major}{props.minor}" == gpu.arch and props.multi_processor_count == gpu.sm_count
+    except Exception:  # noqa: BLE001 - no usable GPU means "not present"
+        return False
+
+
+def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, workers_note=None):
+    from .db import collect_environment
+    from .emit.emitter import kernel_spec
+    from .planner import csla_layout
+    from .tuner.runners import LocalRunner
+    from .tuner.search import Tuner
+
+    tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, LocalRunner(),
+                  environment=collect_environment(), worker=workers_note)
+    results = []
+    for s in plan.scales:
+        if not s.has_csla:
+            continue
+        for bs in block_sizes:
+            layout = csla_layout(plan, s.index, bs, bs)
+            for backend in backends:
+                spec = kernel_spec(plan, s.index, layout, backend)
+                print(f"tuning scale {s.index} {backend} {bs}x{bs} ({spec.q_len} x {spec.kv_len})", flush=True)
+                results.append((s.index, tuner.tune(spec, layout, trials=trials, budget_s=budget_s)))
+    return results
+
+
+def _print_tune_table(results) -> None:
+    print(f"\n{'scale':>5} {'kernel':<22} {'default ms':>10} {'tuned ms':>9} {'gain':>6}  measured/reused  config")
+    for scale, r in results:
+        kname = f"{r.spec.backend}/{r.spec.kind} {r.spec.block_m}x{r.spec.block_n}"
+        cfg = r.best_config.to_dict() if r.best_config else None
+        print(f"{scale:>5} {kname:<22} {r.default_ms:>10.4f} {r.best_ms:>9.4f} {r.gain:>6.2f}  "
+              f"{r.measured:>4}/{r.reused:<4}        {cfg}")
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
+    from .db import collect_environment
+    from .emit.emitter import emit_module
+
     gpu = get_gpu(args.gpu)
     plan = _plan_from_args(args)
-    print(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs)")
+    backends = tuple(args.backend.split(","))
+    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    present = _local_gpu_matches(gpu)
+    if args.tune == "always" and not present:
+        print(f"sparvar-compile: error: --tune always needs a local {gpu.name}; none is present", file=sys.stderr)
+        return 2
+    db = _open_db(args.db)
+    print(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); GPU present here: {'yes' if present else 'no'}")
+    if args.tune == "always" or (args.tune == "auto" and present):
+        _print_tune_table(_tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s))
+    out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
+    env = collect_environment(probe_gpu=False)
+    manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env)
     print(format_summary(plan_summary(plan, 128, 128)))
-    print("\ncode generation, tuning and emission are not built yet: this prints the plan only.")
+    print(_module_table(manifest))
+    print(f"\nmodule: {out}  (load with sparvar_compiler.runtime.load('{out}'); "
+          f"check with: sparvar-compile verify {out})")
+    return 0
+
+
+def _module_table(manifest: dict) -> str:
+    lines = ["", f"{'scale':>5} {'kernel':<32} {'sparsity':>8} {'tuned':>5} {'expected ms':>11}  config"]
+    for name, k in sorted(manifest["kernels"].items(), key=lambda kv: kv[1]["scale"]):
+        exp = f"{k['expected_ms']:.4f}" if k["expected_ms"] else "-"
+        lines.append(f"{k['scale']:>5} {name:<32} {100 * k['sparsity']:7.1f}% {str(k['tuned']).lower():>5} "
+                     f"{exp:>11}  {k['config']}")
+    modes: dict[str, int] = {}
+    for row in manifest["dispatch"]:
+        modes[row["op"]] = modes.get(row["op"], 0) + 1
+    lines.append(f"dispatch: {', '.join(f'{v} {k}' for k, v in sorted(modes.items()))} calls per image"
+                 + ("" if manifest["tuned"] else "; UNTUNED kernels use documented default configs"))
+    cs4a = sum(1 for r in manifest["dispatch"] if r["mode"] == "cs4a")
+    if cs4a:
+        lines.append(f"note: {cs4a} CS4A calls run dense SDPA: the dynamic CS4A kernels are not built yet")
+    return "\n".join(lines)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .emit.manifest import verify_module
+
+    m = verify_module(args.directory, gpu=args.gpu)
+    print(f"ok: {args.directory}: {m['model']['name']} for {m['target']['name']}, {len(m['kernels'])} kernels, "
+          f"{len(m['files'])} files verified")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .emit.manifest import verify_module
+
+    m = verify_module(args.directory)
+    p = m["plan"]
+    print(f"{m['model']['name']} {p['resolution']} px {p['aspect']} for {m['target']['name']} "
+          f"({m['target']['arch']}, {m['target']['sm_count']} SMs); batch {m['batch']}, {m['dtype']}, softmax "
+          f"scale {m['softmax_scale']}; built with sparvar {m['sparvar_version']}")
+    print(_module_table(m))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    gpu = get_gpu(args.gpu)
+    if not _local_gpu_matches(gpu):
+        print(f"sparvar-compile: error: tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); use the "
+              "bundle runner (bench/) to build here and measure there", file=sys.stderr)
+        return 2
+    plan = _plan_from_args(args)
+    from .db import TuningDatabase, user_database_path
+
+    db = TuningDatabase.open(args.db or user_database_path())
+    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    _print_tune_table(_tune_plan(plan, gpu, db, tuple(args.backend.split(",")), blocks, args.trials,
+                                 args.budget_s, args.worker))
+    return 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from .db import TuningDatabase, export_json, import_json, user_database_path
+
+    db = TuningDatabase.open(args.db or user_database_path(), readonly=args.action != "import")
+    if args.action == "stats":
+        print(json.dumps(db.stats(), indent=1, default=str))
+    elif args.action == "export":
+        if not args.file:
+            raise PlanConfigError("db export needs a FILE")
+        export_json(db, args.file)
+        print(f"exported winners to {args.file}")
+    else:
+        if not args.file:
+            raise PlanConfigError("db import needs a FILE")
+        print(json.dumps(import_json(db, args.file)))
     return 0
 
 
@@ -115,6 +255,13 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="triton", help="comma-separated kernel backends (triton, tvm)")
+    p.add_argument("--block-sizes", default="64,128", help="layout block sizes the tuner may choose from")
+    p.add_argument("--trials", type=int, default=24, help="configs measured per workload")
+    p.add_argument("--budget-s", type=float, help="time budget per workload, seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparvar-compile",
@@ -127,7 +274,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--gpu", required=True, help=f"target GPU ({', '.join(list_gpus())})")
     p.add_argument("-o", "--output", type=Path, help="output directory of the runtime module")
+    p.add_argument("--db", help="tuning database URL or path (default: your cache database over the shipped one)")
+    p.add_argument("--tune", choices=("auto", "never", "always"), default="auto",
+                   help="tune what the database lacks: auto = when the target GPU is present here")
+    _add_kernel_args(p)
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("tune", help="tune the plan's kernels on the local GPU into the tuning database")
+    _add_plan_args(p)
+    p.add_argument("--gpu", required=True)
+    p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite); a PostgreSQL URL "
+                                "lets several workers share one study")
+    p.add_argument("--worker", help="a name for this worker in the records")
+    _add_kernel_args(p)
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("verify", help="check a runtime module (hashes, manifest, files) without a GPU")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--gpu", help="also require that the module targets this GPU")
+    p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("inspect", help="print a runtime module's summary")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("db", help="tuning database: stats, export winners to JSON, import them")
+    p.add_argument("action", choices=("stats", "export", "import"))
+    p.add_argument("file", nargs="?", type=Path)
+    p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite)")
+    p.set_defaults(func=_cmd_db)
 
     p = sub.add_parser("plan", help="print the plan: per scale grid, lengths, modes and block sparsity")
     _add_plan_args(p)

@@ -505,3 +505,14 @@ def test_triton_cubin_runs_through_the_launcher(kind):
     golden = reference_attention(q, k, v, mask, dtype=torch.float64)
     ok, err, ref = check_close(out, golden, reference_attention(q, k, v, mask))
     assert ok, f"cubin error {err:.2e} vs bf16 reference {ref:.2e}"
+
+
+def test_first_call_make_current_does_not_deadlock():
+    # Regression: make_current holds the driver lock and reaches init -> _functions, which takes it again;
+    # on a fresh driver a plain Lock hung forever (seen on an H200 on the first load of a module).
+    drv = cu.CudaDriver(FakeLib())
+    done = []
+    t = threading.Thread(target=lambda: done.append(drv.make_current(0)), daemon=True)
+    t.start()
+    t.join(10)
+    assert done, "make_current on a fresh driver did not return"

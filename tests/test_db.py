@@ -449,9 +449,9 @@ def test_killed_writer_loses_nothing_committed(tmp_path):
     ("tvm", "0.27.0", "0.27.0.post1", "soft"),
     ("cuda", "12.8", "13.0", "hard"),
     ("cuda", "12.4", "12.8", "soft"),
-    ("torch", "2.11.0", "2.13.0+cpu", "hard"),
+    ("torch", "2.11.0", "2.13.0+cpu", "soft"),
     ("torch", "2.11.0", "2.11.1", "soft"),
-    ("torch", "2.11.0", "weird", "hard"),
+    ("torch", "2.11.0", "weird", "soft"),
     ("driver", "550.54.15", "570.86.15", "soft"),
     ("python", "3.11.7", "3.12.3", "soft"),
     ("sparvar", "0.1.0", "0.2.0", "soft"),
@@ -778,7 +778,7 @@ def test_import_refuses_unreadable_json(tmp_path, db):
 
 # ---------------------------------------------------------------------------------- shipped, user, layered
 
-def test_shipped_database_is_an_empty_frozen_current_database():
+def test_shipped_database_is_a_frozen_current_database_of_the_shipped_exports():
     path = shipped_database_path()
     assert path.is_file(), "tuning_db/sparvar.sqlite must ship"
     before = path.read_bytes()
@@ -788,7 +788,11 @@ def test_shipped_database_is_an_empty_frozen_current_database():
     with TuningDatabase.open_shipped() as d:
         stats = d.stats()
         assert stats["schema_version"] == SCHEMA_VERSION, "rebuild tuning_db/sparvar.sqlite after a migration"
-        assert stats["trials"]["total"] == stats["winners"] == 0
+        # It holds exactly the winners exported to tuning_db/winners-*.json (measured on real cards).
+        exports = sorted(path.parent.glob("winners-*.json"))
+        docs = [json.loads(p.read_text()) for p in exports]
+        assert stats["trials"]["total"] == sum(len(doc["trials"]) for doc in docs)
+        assert stats["winners"] == sum(len(doc["winners"]) for doc in docs)
         with pytest.raises(TuningDatabaseError, match="read-only"):
             d.add_target(H100)
     assert path.read_bytes() == before

@@ -12,6 +12,7 @@ correct kernel may have).
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -86,7 +87,12 @@ def config(warps: int = 4, stages: int = 2, **extra) -> KernelConfig:
     return KernelConfig(warps, stages, tuple(sorted(extra.items())))
 
 
-def inputs(spec: KernelSpec, seed: int = 0):
+def fresh_seed() -> int:
+    """Inputs are new every run; failures print the seed to reproduce them."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def inputs(spec: KernelSpec, seed: int):
     g = torch.Generator().manual_seed(seed)
     shapes = ((spec.q_len,), (spec.kv_len,), (spec.kv_len,))
     return tuple(torch.randn(spec.batch, spec.heads, n, spec.head_dim, generator=g).to(DTYPES[spec.dtype])
@@ -94,9 +100,10 @@ def inputs(spec: KernelSpec, seed: int = 0):
 
 
 def check_kernel(spec: KernelSpec, cfg: KernelConfig, layout: BlockLayout, scale: float | None = None,
-                 seed: int = 0, qkv=None):
+                 qkv=None):
     """Run the kernel on fresh random inputs (or ``qkv``) with poisoned outputs and compare with the references."""
     kernel = tb.build(spec, cfg, layout)
+    seed = fresh_seed() if qkv is None else "of the caller's inputs"
     q, k, v = inputs(spec, seed) if qkv is None else qkv
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=DEVICE) if spec.return_lse else None
@@ -110,15 +117,16 @@ def check_kernel(spec: KernelSpec, cfg: KernelConfig, layout: BlockLayout, scale
     gold, gold_lse = reference_attention(q.double(), k.double(), v.double(), mask, scale, return_lse=True)
     same = reference_attention(q, k, v, mask, scale)
     ok, err, ref = check_close(out, gold, same)
-    assert ok, f"kernel error {err:.3g} vs same-dtype reference {ref:.3g}"
+    assert ok, f"kernel error {err:.3g} vs same-dtype reference {ref:.3g} (input seed {seed})"
     empty = ~mask.any(dim=1)
-    assert torch.all(out[:, :, empty] == 0), "rows with nothing kept must be exactly 0"
+    assert torch.all(out[:, :, empty] == 0), f"rows with nothing kept must be exactly 0 (input seed {seed})"
     if spec.return_lse:
         assert torch.equal(torch.isneginf(lse), torch.isneginf(gold_lse).expand_as(lse))
         assert torch.all(torch.isneginf(lse[:, :, empty]))
         finite = torch.isfinite(gold_lse)
         tol = 1e-4 if spec.dtype == "fp32" else 2e-3
-        torch.testing.assert_close(lse[finite].double(), gold_lse[finite].double(), atol=tol, rtol=tol)
+        torch.testing.assert_close(lse[finite].double(), gold_lse[finite].double(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"{m} (input seed {seed})")
     return out, mask
 
 
@@ -129,7 +137,7 @@ def check_kernel(spec: KernelSpec, cfg: KernelConfig, layout: BlockLayout, scale
 def test_block_kernel_odd_lengths(bm, bn, token_exact):
     layout = random_layout(odd_q_len(bm), 201, bm, bn, seed=bm * 7 + bn)
     spec = make_spec(layout, "block", token_exact, return_lse=(bm + bn) % 32 == 0)
-    check_kernel(spec, config(block_m=bm, block_n=bn), layout, seed=bm + bn)
+    check_kernel(spec, config(block_m=bm, block_n=bn), layout)
 
 
 @pytest.mark.parametrize("layout_blocks,tiles,order,token_exact,kv_len", [
@@ -142,7 +150,7 @@ def test_block_kernel_sub_tiles(layout_blocks, tiles, order, token_exact, kv_len
     """Kernel tiles smaller than the layout's blocks walk each block in sub-tiles (and the short last block)."""
     layout = random_layout(odd_q_len(layout_blocks[0]), kv_len, *layout_blocks, seed=5)
     spec = make_spec(layout, "block", token_exact)
-    check_kernel(spec, config(block_m=tiles[0], block_n=tiles[1], order=order), layout, seed=3)
+    check_kernel(spec, config(block_m=tiles[0], block_n=tiles[1], order=order), layout)
 
 
 @pytest.mark.parametrize("token_exact", [False, True])
@@ -150,7 +158,7 @@ def test_block_kernel_tma(token_exact):
     """K/V through TMA descriptors: the short last block relies on the descriptor's zero fill."""
     layout = random_layout(odd_q_len(32), 201, 32, 64, seed=9)
     spec = make_spec(layout, "block", token_exact, dtype="fp32" if not ON_GPU else "bf16")
-    check_kernel(spec, config(block_m=32, block_n=32, tma=True), layout, seed=5)
+    check_kernel(spec, config(block_m=32, block_n=32, tma=True), layout)
 
 
 def test_token_exact_row_starting_on_a_masked_tile():
@@ -167,7 +175,7 @@ def test_token_exact_row_starting_on_a_masked_tile():
     layout = BlockLayout.from_token_mask(mask, bm, bn, token_masks=True)
     assert layout.full_indices.size and layout.partial_indices.size
     spec = make_spec(layout, "block", True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(fresh_seed())
     u = torch.ones(spec.head_dim) / spec.head_dim ** 0.5
     q = -200.0 * u + 0.5 * torch.randn(2, 3, layout.q_len, spec.head_dim, generator=g)
     k = u + 0.05 * torch.randn(2, 3, layout.kv_len, spec.head_dim, generator=g)
@@ -181,8 +189,9 @@ def test_block_kernel_whole_blocks_differ_from_exact():
     """token_exact=False computes partial blocks whole: its output differs from the exact one (so the two
     tests above cannot pass with the same kernel)."""
     layout = random_layout(odd_q_len(32), 201, 32, 32, seed=11)
-    whole, _ = check_kernel(make_spec(layout, "block", False), config(), layout)
-    exact, _ = check_kernel(make_spec(layout, "block", True), config(), layout)
+    qkv = inputs(make_spec(layout), fresh_seed())
+    whole, _ = check_kernel(make_spec(layout, "block", False), config(), layout, qkv=qkv)
+    exact, _ = check_kernel(make_spec(layout, "block", True), config(), layout, qkv=qkv)
     assert not torch.allclose(whole, exact)
 
 
@@ -191,7 +200,7 @@ def test_block_kernel_whole_blocks_differ_from_exact():
 def test_gather_kernel_block_union(bm, bn, tile_n):
     layout = random_layout(odd_q_len(bm), 201, bm, bn, seed=bm + 3 * bn)
     spec = make_spec(layout, "gather", return_lse=tile_n != 16)
-    check_kernel(spec, config(block_m=bm, block_n=tile_n), layout, seed=7)
+    check_kernel(spec, config(block_m=bm, block_n=tile_n), layout)
 
 
 def test_gather_table_is_the_union():
@@ -229,8 +238,9 @@ def test_low_precision(dtype, kind, token_exact):
 def test_explicit_scale_is_used():
     layout = random_layout(odd_q_len(32), 201, 32, 32, seed=8)
     spec = make_spec(layout, "block", False, return_lse=False)
-    default, _ = check_kernel(spec, config(), layout, scale=None)
-    explicit, _ = check_kernel(spec, config(), layout, scale=1.0)
+    qkv = inputs(spec, fresh_seed())
+    default, _ = check_kernel(spec, config(), layout, scale=None, qkv=qkv)
+    explicit, _ = check_kernel(spec, config(), layout, scale=1.0, qkv=qkv)
     assert not torch.allclose(default, explicit)
 
 
@@ -254,7 +264,7 @@ def small():
 
 def test_bad_inputs_raise_before_launch(small):
     layout, spec, kernel = small
-    q, k, v = inputs(spec)
+    q, k, v = inputs(spec, fresh_seed())
     with pytest.raises(KernelInputError, match="rank 4"):
         kernel(q[0], k, v)
     with pytest.raises(KernelInputError, match="share a dtype"):
@@ -331,7 +341,7 @@ def test_render_is_strict_and_specialised(small):
 
 def test_launch_args_name_every_parameter(small):
     layout, spec, kernel = small
-    q, k, v = inputs(spec)
+    q, k, v = inputs(spec, fresh_seed())
     out = torch.empty_like(q)
     args = tb.launch_args(layout, q, k, v, out, None, None, DEVICE, spec=spec)
     assert set(args) == set(tb.kernel_params(spec))

@@ -101,7 +101,7 @@ class CudaDriver:
     def __init__(self, lib: Any = None) -> None:
         self._lib = lib
         self._fns: dict[str, Any] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: make_current -> device -> init -> _functions
         self._initialised = False
         self._contexts: dict[int, int] = {}
 

@@ -94,13 +94,19 @@ def same_dtype_reference(q, k, v, mask: torch.Tensor, scale: float) -> torch.Ten
     return out.masked_fill(empty[None, None, :, None], 0.0)
 
 
-def check_and_time(spec: KernelSpec, layout: BlockLayout, kernel: Callable, *, device: str = "cuda",
-                   seed: int = 0, factor: float = 3.0, warmup: int = 5, reps: int = 50, input_sets: int = 4,
-                   mask_exact: bool | None = None, mask: torch.Tensor | None = None) -> Measurement:
-    """Check ``kernel(q, k, v, scale=..., out=...)`` against float64, then time it with CUDA events.
+@dataclass
+class Prepared:
+    """Inputs, float64 golden and the same-dtype reference error of one workload, shared by its candidates."""
 
-    ``mask`` defaults to the layout expanded (whole blocks, or exact token masks when ``spec.token_exact``).
-    """
+    sets: list
+    scale: float
+    gold: torch.Tensor
+    ref_err: float
+
+
+def prepare(spec: KernelSpec, layout: BlockLayout, *, device: str = "cuda", seed: int = 0, input_sets: int = 4,
+            mask_exact: bool | None = None, mask: torch.Tensor | None = None) -> Prepared:
+    """Draw the inputs and compute the golden once per workload (the same for every config tried)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     scale = spec_scale(spec)
@@ -108,6 +114,24 @@ def check_and_time(spec: KernelSpec, layout: BlockLayout, kernel: Callable, *, d
         exact = spec.token_exact if mask_exact is None else mask_exact
         mask = layout_mask(layout, exact, device)
     sets = make_inputs(spec, device, gen, input_sets)
+    q, k, v = sets[0]
+    gold = golden(q, k, v, mask, scale)
+    ref = relative_error(same_dtype_reference(q, k, v, mask, scale), gold)
+    return Prepared(sets, scale, gold, ref)
+
+
+def check_and_time(spec: KernelSpec, layout: BlockLayout, kernel: Callable, *, prepared: Prepared | None = None,
+                   device: str = "cuda", seed: int = 0, factor: float = 3.0, warmup: int = 5, reps: int = 50,
+                   input_sets: int = 4, mask_exact: bool | None = None,
+                   mask: torch.Tensor | None = None) -> Measurement:
+    """Check ``kernel(q, k, v, scale=..., out=...)`` against float64, then time it with CUDA events.
+
+    ``mask`` defaults to the layout expanded (whole blocks, or exact token masks when ``spec.token_exact``).
+    The output is poisoned with NaN before the checked call.
+    """
+    p = prepared or prepare(spec, layout, device=device, seed=seed, input_sets=input_sets, mask_exact=mask_exact,
+                            mask=mask)
+    sets, scale = p.sets, p.scale
     q, k, v = sets[0]
     out = torch.full_like(q, float("nan"))
     try:
@@ -117,12 +141,10 @@ def check_and_time(spec: KernelSpec, layout: BlockLayout, kernel: Callable, *, d
         return Measurement(False, reason="out_of_resources", detail=str(e)[:500])
     except Exception as e:  # noqa: BLE001 - any launch failure makes the candidate invalid, with the reason
         return Measurement(False, reason="launch_error", detail=f"{type(e).__name__}: {e}"[:500])
-    gold = golden(q, k, v, mask, scale)
-    err = relative_error(out, gold)
-    ref = relative_error(same_dtype_reference(q, k, v, mask, scale), gold)
-    if not err <= max(factor * ref, 1e-6):
-        return Measurement(False, reason="wrong_result", detail=f"rel_err {err:.3g} vs reference {ref:.3g}",
-                           rel_err=err, ref_err=ref)
+    err = relative_error(out, p.gold)
+    if not err <= max(factor * p.ref_err, 1e-6):
+        return Measurement(False, reason="wrong_result", detail=f"rel_err {err:.3g} vs reference {p.ref_err:.3g}",
+                           rel_err=err, ref_err=p.ref_err)
     outs = [torch.empty_like(q) for _ in sets]
     for i in range(warmup):
         qq, kk, vv = sets[i % len(sets)]
@@ -136,4 +158,4 @@ def check_and_time(spec: KernelSpec, layout: BlockLayout, kernel: Callable, *, d
         ends[i].record()
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return Measurement(True, times, rel_err=err, ref_err=ref)
+    return Measurement(True, times, rel_err=err, ref_err=p.ref_err)

@@ -43,18 +43,28 @@ class LocalRunner:
 
     def __init__(self, reps: int = 50, warmup: int = 5, seed: int = 0):
         self.reps, self.warmup, self.seed = reps, warmup, seed
+        self._prepared: tuple[str, object] | None = None  # (workload, inputs + golden): one workload at a time
 
     def measure(self, spec: KernelSpec, config: KernelConfig, layout: BlockLayout) -> Measurement:
-        from .measure import check_and_time
+        from .measure import check_and_time, prepare
 
         mod = backend_module(spec.backend)
+        key = spec.key()
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = None  # free the previous workload's tensors first
+            mask = None
+            if spec.kind == "gather":
+                import torch
+
+                mask = torch.from_numpy(mod.kernel_mask(spec, layout)).cuda()
+            self._prepared = (key, prepare(spec, layout, seed=self.seed, mask=mask))
         try:
             kernel = mod.build(spec, config, layout)
         except KernelConfigError as e:
             return Measurement(False, reason="out_of_resources", detail=str(e)[:500])
         except Exception as e:  # noqa: BLE001 - a compile failure is a recorded outcome, not a crash
             return Measurement(False, reason="compile_error", detail=f"{type(e).__name__}: {e}"[:500])
-        return check_and_time(spec, layout, kernel, seed=self.seed, reps=self.reps, warmup=self.warmup)
+        return check_and_time(spec, layout, kernel, prepared=self._prepared[1], reps=self.reps, warmup=self.warmup)
 
 
 def replay_key(spec: KernelSpec, config: KernelConfig) -> str:

@@ -90,6 +90,15 @@ def _open_study(optuna, name: str, url: str, seed: int):
     raise AssertionError("unreachable")
 
 
+def _tell(study, trial, value=None, state=None) -> None:
+    """Tell the study a result; a trial another worker's storage call already finished is left as it is (the
+    tuning database, not the study, is the record of what was measured)."""
+    try:
+        study.tell(trial, value, state=state, skip_if_finished=True)
+    except ValueError as e:
+        logging.getLogger(__name__).warning("optuna refused a result for trial %s: %s", trial.number, e)
+
+
 class Tuner:
     """Tune workloads on one target with a runner, recording into a database.
 
@@ -208,15 +217,15 @@ class Tuner:
             params = {k: trial.suggest_categorical(k, v) for k, v in domains.items()}
             ckey = config_key(_config(params).to_dict())
             if ckey not in valid:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 stale += 1
                 continue
             stale = stale + 1 if ckey in seen else 0
             m = self._measure(spec, valid[ckey], layout, wkey, tkey, seen, result, name)
             if m.valid:
-                study.tell(trial, m.median_ms)
+                _tell(study, trial, m.median_ms)
             else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                _tell(study, trial, state=optuna.trial.TrialState.FAIL)
             self._report(spec, len(seen), goal, m, wkey, tkey, t0)
 
     def _report(self, spec, i, n, m, wkey, tkey, t0):

@@ -1,0 +1,203 @@
+"""Stage 5: emit a self-contained runtime module for one (model, schedule, plan, GPU).
+
+For every scale whose plan has CSLA layers the emitter picks a kernel: among the allowed layout block sizes,
+the one whose database winner is fastest on the target (or, with no evidence, the documented default config at
+the default block size, marked ``tuned: false``), compiles it for the target GPU without needing that GPU, and
+writes its cubin, its layout and launch tables (npz) and a manifest. Dense and decision layers dispatch to SDPA
+(cuDNN / FlashAttention) at run time. The module is written to a temporary directory and renamed into place, so
+an interrupted emit never leaves a half-written module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..codegen.spec import KernelConfig, KernelSpec
+from ..planner.csla import csla_layout
+from ..planner.gpus import GpuSpec
+from ..planner.layout import BlockLayout
+from ..planner.plan import Mode, Plan
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+DEFAULT_BLOCK = 64          # the default layout block when nothing is tuned (fewest wasted FLOPs of CSLA)
+DEFAULT_BATCH = 2           # classifier-free guidance: one image is a batch of 2
+DTYPE = "bf16"
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel chosen for one scale: spec, config, layout, and the evidence behind the choice."""
+
+    scale: int
+    spec: KernelSpec
+    config: KernelConfig
+    layout: BlockLayout
+    tuned: bool
+    expected_ms: float | None
+    source: str
+
+
+def softmax_scale(plan: Plan) -> tuple[float, str]:
+    """Infinity multiplies L2-normalised q by a learned per-head scale and uses softmax scale 1.0."""
+    if plan.family == "infinity":
+        return 1.0, "explicit"
+    return 1.0 / math.sqrt(plan.head_dim), "default"
+
+
+def kernel_spec(plan: Plan, scale_index: int, layout: BlockLayout, backend: str = "triton", kind: str = "block",
+                batch: int = DEFAULT_BATCH) -> KernelSpec:
+    s = plan.scale(scale_index)
+    return KernelSpec(backend, kind, batch, plan.heads, s.tokens, s.kv_len, plan.head_dim, DTYPE, layout.block_m,
+                      layout.block_n, layout.content_hash(), token_exact=plan.config.token_exact,
+                      return_lse=False, scale_kind=softmax_scale(plan)[1])
+
+
+def _backend(name: str):
+    from ..tuner.runners import backend_module
+
+    return backend_module(name)
+
+
+def host_tables(spec: KernelSpec, layout: BlockLayout) -> dict[str, np.ndarray]:
+    """The launch tables a backend's kernel reads, by parameter name."""
+    mod = _backend(spec.backend)
+    if spec.backend == "triton":
+        return mod._host_tables(spec, layout)  # noqa: SLF001 - the backend's own table builder
+    return mod.layout_tables(layout)
+
+
+def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str, ...] = ("triton",),
+                   block_sizes: tuple[int, ...] = (64, 128), batch: int = DEFAULT_BATCH,
+                   environment: dict | None = None) -> list[KernelChoice]:
+    """Per CSLA scale, the fastest recorded winner over backends and block sizes, else the default config."""
+    out = []
+    for s in plan.scales:
+        if not s.has_csla:
+            continue
+        best: KernelChoice | None = None
+        for bs in block_sizes:
+            layout = csla_layout(plan, s.index, bs, bs)
+            for backend in backends:
+                spec = kernel_spec(plan, s.index, layout, backend, batch=batch)
+                win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
+                if win is not None and (best is None or not best.tuned or win.median_ms < best.expected_ms):
+                    best = KernelChoice(s.index, spec, KernelConfig.from_dict(win.config), layout, True,
+                                        float(win.median_ms), f"database trial {win.id}")
+        if best is None:
+            bs = DEFAULT_BLOCK if DEFAULT_BLOCK in block_sizes else block_sizes[0]
+            layout = csla_layout(plan, s.index, bs, bs)
+            spec = kernel_spec(plan, s.index, layout, backends[0], batch=batch)
+            best = KernelChoice(s.index, spec, _backend(spec.backend).default_config(spec, gpu), layout, False,
+                                None, "default config (untuned)")
+        out.append(best)
+    return out
+
+
+def _dispatch(plan: Plan, kernels: dict[int, str]) -> list[dict[str, Any]]:
+    rows = []
+    for s in plan.scales:
+        for layer, mode in enumerate(s.modes):
+            if mode == Mode.SKIPPED:
+                op, kernel, note = "skip", None, "scale skipped by the plan"
+            elif mode == Mode.CSLA:
+                op, kernel, note = "kernel", kernels[s.index], "csla"
+            elif mode == Mode.CS4A:
+                # The dynamic CS4A kernels are not built yet: run these layers dense, exactly.
+                op, kernel, note = "sdpa", None, "cs4a planned; dense until the CS4A kernels exist"
+            else:
+                op, kernel, note = "sdpa", None, mode.value
+            rows.append({"scale": s.index, "layer": layer, "mode": mode.value, "op": op, "kernel": kernel,
+                         "note": note})
+    return rows
+
+
+def emit_module(plan: Plan, gpu: GpuSpec, output: str | Path, db: Any | None = None,
+                backends: tuple[str, ...] = ("triton",), block_sizes: tuple[int, ...] = (64, 128),
+                batch: int = DEFAULT_BATCH, environment: dict | None = None,
+                progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the runtime module for ``plan`` on ``gpu`` into ``output`` (atomically); returns the manifest."""
+    from ..db.environment import collect_environment
+
+    t0 = time.perf_counter()
+    output = Path(output)
+    choices = choose_kernels(plan, gpu, db, backends, block_sizes, batch, environment)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        (tmp / "kernels").mkdir()
+        (tmp / "layouts").mkdir()
+        kernels: dict[str, Any] = {}
+        by_scale: dict[int, str] = {}
+        for i, c in enumerate(choices, start=1):
+            name = f"scale{c.scale}_{c.spec.backend}_{c.spec.kind}_{c.spec.block_m}x{c.spec.block_n}"
+            progress(f"[{i}/{len(choices)}] compiling {name} for {gpu.name} ({gpu.arch}) "
+                     f"{'tuned' if c.tuned else 'untuned'} config {c.config.to_dict()}")
+            compiled = _backend(c.spec.backend).compile_for_target(c.spec, c.config, c.layout, gpu)
+            binary = f"kernels/{name}.{compiled.binary_format}"
+            (tmp / binary).write_bytes(compiled.binary)
+            tables = f"layouts/{name}.npz"
+            arrays = {f"table_{k}": np.ascontiguousarray(v) for k, v in host_tables(c.spec, c.layout).items()}
+            arrays["layout_active"] = c.layout.active()
+            np.savez_compressed(tmp / tables, **arrays)
+            c.layout.to_npz(tmp / f"layouts/{name}.layout.npz")
+            kernels[name] = {
+                "scale": c.scale, "binary": binary, "layout": tables, "layout_file": f"layouts/{name}.layout.npz",
+                "meta": compiled.meta(), "config": c.config.to_dict(), "spec": c.spec.to_dict(),
+                "tuned": c.tuned, "source": c.source, "expected_ms": c.expected_ms,
+                "sparsity": c.layout.sparsity(), "layout_hash": c.layout.content_hash(),
+                "tables": sorted(k.removeprefix("table_") for k in arrays if k.startswith("table_")),
+            }
+            by_scale[c.scale] = name
+        scale_value, scale_kind = softmax_scale(plan)
+        (tmp / "README.txt").write_text(
+            f"sparvar runtime module: {plan.model} {plan.resolution}px {plan.aspect} for {gpu.name} ({gpu.arch}).\n"
+            "Load it with:  import sparvar_compiler.runtime as rt; m = rt.load(THIS_DIRECTORY)\n"
+            "then call m.attention(q, k, v, scale_index, layer_index) in place of self-attention.\n"
+            "Check it without a GPU with:  sparvar-compile verify THIS_DIRECTORY\n")
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "sparvar_version": __version__,
+            "created_unix": int(time.time()),
+            "model": {"name": plan.model, "family": plan.family, "depth": plan.depth, "heads": plan.heads,
+                      "head_dim": plan.head_dim},
+            "schedule": {"resolution": plan.resolution, "aspect": plan.aspect, "grids": [list(g) for g in plan.grids]},
+            "plan": plan.to_dict(), "target": gpu.to_dict(),
+            "environment": environment if environment is not None else collect_environment(probe_gpu=False),
+            "batch": batch, "dtype": DTYPE, "softmax_scale": scale_value, "softmax_scale_kind": scale_kind,
+            "kernels": kernels, "dispatch": _dispatch(plan, by_scale), "files": files,
+            "tuned": all(k["tuned"] for k in kernels.values()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"emitted {output} in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``: a rename, with any old module moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The runtime side of an emitted module: load it, then call ``attention`` in place of dense self-attention.
+
+Loading needs torch and the CUDA driver only: the module's cubins are loaded through the driver API, its tables
+are npz arrays; nothing is compiled. On a machine without CUDA the module loads in CPU fallback mode, where
+every planned sparse call runs reference attention over the same layouts (for tests and CI).
+
+Calls are CUDA-graph capturable: shapes are fixed by the manifest, kernel launches allocate nothing and never
+synchronise; pass ``out=`` to avoid even the output allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codegen.artifact import CompiledKernel
+from ..codegen.spec import DTYPES, KernelInputError
+from ..emit.manifest import ModuleError, verify_module
+from ..planner.gpus import gpu_from_device_name
+
+
+class SparvarModule:
+    """A loaded runtime module. Use :func:`load`.
+
+    Attributes
+    ----------
+    manifest:
+        The module's manifest (model, plan, target, kernels, dispatch).
+    device:
+        Where it runs (``cuda:N``, or ``cpu`` in fallback mode).
+    """
+
+    def __init__(self, directory: str | Path, device: str | torch.device | None = None):
+        self.directory = Path(directory)
+        self.manifest = verify_module(self.directory)
+        m = self.manifest
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.fallback = self.device.type != "cuda"
+        self.batch, self.heads, self.head_dim = m["batch"], m["model"]["heads"], m["model"]["head_dim"]
+        self.dtype = DTYPES[m["dtype"]]
+        self.default_scale = float(m["softmax_scale"])
+        scales = m["plan"]["scales"]
+        self._shape = {s["index"]: (s["tokens"], s["kv_len"]) for s in scales}
+        depth = m["model"]["depth"]
+        self._ops: list[list[tuple[str, Any]]] = [[("sdpa", None)] * depth for _ in scales]
+        if not self.fallback:
+            self._check_target()
+        self._kernels: dict[str, Any] = {}
+        self._tables: dict[str, dict[str, torch.Tensor]] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        for name, k in m["kernels"].items():
+            with np.load(self.directory / k["layout"], allow_pickle=False) as z:
+                arrays = {f[len("table_"):]: z[f] for f in z.files if f.startswith("table_")}
+            if self.fallback:
+                from ..planner.layout import BlockLayout
+
+                layout = BlockLayout.from_npz(self.directory / k["layout_file"])
+                if layout.content_hash() != k["layout_hash"]:
+                    raise ModuleError(f"kernel {name}: layout does not match its recorded hash")
+                self._masks[name] = torch.from_numpy(layout.to_token_mask(exact=k["spec"]["token_exact"]))
+            else:
+                from .cubin import LoadedKernel
+
+                compiled = CompiledKernel.from_meta(k["meta"], (self.directory / k["binary"]).read_bytes())
+                self._kernels[name] = LoadedKernel.load(compiled, self.device)
+                self._tables[name] = {t: torch.from_numpy(a.copy()).to(self.device) for t, a in arrays.items()}
+        for row in m["dispatch"]:
+            self._ops[row["scale"]][row["layer"]] = (row["op"], row["kernel"])
+
+    def _check_target(self) -> None:
+        target = self.manifest["target"]
+        props = torch.cuda.get_device_properties(self.device)
+        arch = f"sm_{props.major}{props.minor}"
+        here = gpu_from_device_name(props.name, props.multi_processor_count)
+        problems = []
+        if arch != target["arch"]:
+            problems.append(f"arch {arch} != {target['arch']}")
+        if props.multi_processor_count != target["sm_count"]:
+            problems.append(f"{props.multi_processor_count} SMs != {target['sm_count']}")
+        if here is not None and here.name != target["name"] and here.arch == target["arch"] and (
+                here.sm_count != target["sm_count"]):
+            problems.append(f"GPU {here.name} != {target['name']}")
+        if problems:
+            raise ModuleError(f"module was built for {target['name']} ({target['arch']}, {target['sm_count']} SMs) "
+                              f"but this device is {props.name}: {'; '.join(problems)}")
+
+    def op(self, scale_index: int, layer_index: int) -> tuple[str, str | None]:
+        """What a call runs: ``("kernel", name)``, ``("sdpa", None)`` or ``("skip", None)``."""
+        if not 0 <= scale_index < len(self._ops):
+            raise KernelInputError(f"scale_index {scale_index} is out of range 0..{len(self._ops) - 1}")
+        if not 0 <= layer_index < len(self._ops[scale_index]):
+            raise KernelInputError(f"layer_index {layer_index} is out of range 0..{len(self._ops[scale_index]) - 1}")
+        return self._ops[scale_index][layer_index]
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int,
+               out: torch.Tensor | None) -> None:
+        tokens, kv_len = self._shape[scale_index]
+        want_q = (self.batch, self.heads, tokens, self.head_dim)
+        want_kv = (self.batch, self.heads, kv_len, self.head_dim)
+        for name, t, want in (("q", q, want_q), ("k", k, want_kv), ("v", v, want_kv)):
+            if not isinstance(t, torch.Tensor):
+                raise KernelInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want:
+                raise KernelInputError(f"scale {scale_index}: {name} must have shape {want} [batch, heads, tokens, "
+                                       f"head_dim], got {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise KernelInputError(f"{name} must be {self.dtype} (the module was compiled for it), got {t.dtype}")
+            if t.device != self.device:
+                raise KernelInputError(f"{name} is on {t.device}, the module runs on {self.device}")
+            if not t.is_contiguous():
+                raise KernelInputError(f"{name} must be contiguous, got strides {t.stride()}")
+        if out is not None and (tuple(out.shape) != want_q or out.dtype != self.dtype or out.device != self.device
+                                or not out.is_contiguous()):
+            raise KernelInputError(f"out must be a contiguous {self.dtype} tensor of shape {want_q} on {self.device}")
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int, layer_index: int,
+                  scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of one (scale, layer) as planned: q ``[B, H, tokens, D]`` against the KV cache
+        ``[B, H, kv_len, D]`` of that scale (no mask inside a scale: the queries see every cached key the plan
+        keeps). ``scale`` defaults to the module's softmax scale (1.0 for Infinity's normalised q/k)."""
+        op, name = self.op(scale_index, layer_index)
+        self._check(q, k, v, scale_index, out)
+        scale = self.default_scale if scale is None else float(scale)
+        if not 0 < scale < math.inf:
+            raise KernelInputError(f"scale must be a positive finite number, got {scale!r}")
+        if op == "skip":
+            raise KernelInputError(f"scale {scale_index} is skipped by this module's plan: it runs no attention")
+        if op == "kernel":
+            if self.fallback:
+                from ..codegen.reference import reference_attention
+
+                res = reference_attention(q, k, v, self._masks[name], scale=scale)
+                return res if out is None else out.copy_(res)
+            out = torch.empty_like(q) if out is None else out
+            self._kernels[name].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **self._tables[name]})
+            return out
+        res = _dense(q, k, v, scale)
+        return res if out is None else out.copy_(res)
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense attention through SDPA, preferring cuDNN then FlashAttention on the GPU."""
+    if q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                         set_priority=True):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def load(directory: str | Path, device: str | torch.device | None = None) -> SparvarModule:
+    """Load an emitted module: checks every file's hash, the target GPU, and loads the kernels (no compiling).
+
+    Raises
+    ------
+    ModuleError
+        Missing or modified files, a manifest for another GPU, or a malformed module.
+    """
+    return SparvarModule(directory, device)
