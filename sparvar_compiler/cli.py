@@ -90,12 +90,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_db(url: str | None, writable: bool = False):
+def _open_db(url: str | None):
+    """The database a compile reads winners from: ``--db``, else the user's cache database over the shipped one."""
     from .db import LayeredDatabase, TuningDatabase
 
     if url:
         return TuningDatabase.open(url)
-    return LayeredDatabase.open_default() if writable else LayeredDatabase.open_default()
+    return LayeredDatabase.open_default()
 
 
 def _local_gpu_matches(gpu) -> bool:
@@ -110,25 +111,33 @@ def _local_gpu_matches(gpu) -> bool:
         return False
 
 
-def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, workers_note=None):
-    from .db import collect_environment
+def _tasks(plan, backends, block_sizes):
+    """(scale, spec, layout) of every workload the plan's CSLA scales need, per backend and block size."""
     from .emit.emitter import kernel_spec
     from .planner import csla_layout
-    from .tuner.runners import LocalRunner
-    from .tuner.search import Tuner
 
-    tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, LocalRunner(),
-                  environment=collect_environment(), worker=workers_note)
-    results = []
     for s in plan.scales:
         if not s.has_csla:
             continue
         for bs in block_sizes:
             layout = csla_layout(plan, s.index, bs, bs)
             for backend in backends:
-                spec = kernel_spec(plan, s.index, layout, backend)
-                print(f"tuning scale {s.index} {backend} {bs}x{bs} ({spec.q_len} x {spec.kv_len})", flush=True)
-                results.append((s.index, tuner.tune(spec, layout, trials=trials, budget_s=budget_s)))
+                yield s.index, kernel_spec(plan, s.index, layout, backend), layout
+
+
+def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe"):
+    from .db import collect_environment
+    from .tuner.runners import LocalRunner
+    from .tuner.search import Tuner
+
+    local = runner is None
+    tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, runner or LocalRunner(),
+                  environment=collect_environment(probe_gpu=local), worker=worker)
+    results = []
+    for scale, spec, layout in _tasks(plan, backends, block_sizes):
+        print(f"tuning scale {scale} {spec.backend} {spec.block_m}x{spec.block_n} ({spec.q_len} x {spec.kv_len})",
+              flush=True)
+        results.append((scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
     return results
 
 
@@ -207,17 +216,41 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
-    if not _local_gpu_matches(gpu):
-        print(f"sparvar-compile: error: tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); use the "
-              "bundle runner (bench/) to build here and measure there", file=sys.stderr)
-        return 2
     plan = _plan_from_args(args)
+    backends = tuple(args.backend.split(","))
+    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    if args.runner == "bundle":
+        from .tuner.bundle import build_bundle
+
+        if not args.bundle:
+            raise PlanConfigError("--runner bundle needs --bundle DIR")
+        tasks = [(spec, layout) for _, spec, layout in _tasks(plan, backends, blocks)]
+        path = build_bundle(tasks, gpu, args.bundle, max_candidates=args.trials)
+        print(f"wrote {path}; on the GPU host run:\n  python -m sparvar_compiler.tuner.bundle measure {args.bundle} "
+              f"--out results.json\nthen ingest here with:\n  sparvar-compile tune --model {args.model} --gpu "
+              f"{gpu.name} --runner replay --replay results.json")
+        return 0
     from .db import TuningDatabase, user_database_path
 
     db = TuningDatabase.open(args.db or user_database_path())
-    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
-    _print_tune_table(_tune_plan(plan, gpu, db, tuple(args.backend.split(",")), blocks, args.trials,
-                                 args.budget_s, args.worker))
+    if args.runner == "replay":
+        from .tuner.runners import ReplayRunner
+
+        if not args.replay:
+            raise PlanConfigError("--runner replay needs --replay FILE (results of a measured bundle)")
+        data = json.loads(Path(args.replay).read_text())
+        if data.get("target", {}).get("name", gpu.name) != gpu.name:
+            raise PlanConfigError(f"{args.replay} was measured on {data['target']['name']}, not {gpu.name}")
+        runner = ReplayRunner.from_records(data["records"])
+        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker, runner,
+                             mode="exhaustive")
+    else:
+        if not _local_gpu_matches(gpu):
+            print(f"sparvar-compile: error: tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); "
+                  "use --runner bundle to build here and measure there", file=sys.stderr)
+            return 2
+        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker)
+    _print_tune_table(results)
     return 0
 
 
@@ -286,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite); a PostgreSQL URL "
                                 "lets several workers share one study")
     p.add_argument("--worker", help="a name for this worker in the records")
+    p.add_argument("--runner", choices=("local", "bundle", "replay"), default="local",
+                   help="local: measure on this GPU; bundle: compile candidates into --bundle DIR for a GPU host "
+                        "without compilers; replay: ingest that host's --replay results into the database")
+    p.add_argument("--bundle", type=Path, help="bundle directory (--runner bundle)")
+    p.add_argument("--replay", type=Path, help="measured results file (--runner replay)")
     _add_kernel_args(p)
     p.set_defaults(func=_cmd_tune)
 

@@ -149,3 +149,15 @@ def test_main_job_emits_a_module(tmp_path, capsys):
     assert "UNTUNED" in text and f"module: {out}" in text
     assert verify_module(out, gpu="a100")["target"]["arch"] == "sm_80"
     assert main(["inspect", str(out)]) == 0
+
+
+def test_integration_example_runs(capsys, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["swap_attention.py", "--gpu", "h100"])
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "swap_attention.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "scale 6 (16x16, kernel in the last layer)" in out
+    assert "scale 0 (1x1, sdpa in the last layer): relative difference to dense 0.000e+00" in out

@@ -116,3 +116,42 @@ def test_three_sqlite_workers_share_one_study(tmp_path):
 
 def test_three_postgres_workers_share_one_study(pg_url):
     _check_shared_study(pg_url)
+
+
+def test_bundle_build_here_then_ingest_measured_results(tmp_path, capsys):
+    """Build-here/measure-there: the bundle holds a cubin per candidate and the reference mask; the GPU host's
+    results (replay format; faked here from the bundle's own candidate list) are ingested by the tuner."""
+    import json
+
+    import numpy as np
+
+    from sparvar_compiler.cli import main
+    from sparvar_compiler.codegen.artifact import CompiledKernel
+
+    bundle = tmp_path / "bundle"
+    assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "bundle", "--bundle", str(bundle),
+                 "--block-sizes", "32", "--trials", "2"]) == 0
+    doc = json.loads((bundle / "bundle.json").read_text())
+    assert doc["target"]["name"] == "h100" and len(doc["workloads"]) == 3
+    records = []
+    for i, w in enumerate(doc["workloads"]):
+        with np.load(bundle / w["data"], allow_pickle=False) as z:
+            assert "table_kv_idx" in z.files and tuple(z["mask_shape"]) == (w["spec"]["q_len"], w["spec"]["kv_len"])
+        for j, c in enumerate(w["candidates"]):
+            k = CompiledKernel.from_json_dict(json.loads((bundle / c["kernel"]).read_text()))
+            assert k.binary[:4] == b"\x7fELF" and k.arch.startswith("sm_90")
+            ms = 0.1 + 0.01 * i + (0.005 if j == 0 else 0.0)  # the second candidate wins everywhere
+            records.append({"spec": w["spec"], "config": c["config"],
+                            "measurement": {"valid": True, "times_ms": [ms, ms]}})
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"format": "sparvar-replay", "target": doc["target"], "records": records}))
+    db_path = tmp_path / "t.sqlite"
+    assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "replay", "--replay", str(results),
+                 "--block-sizes", "32", "--trials", "2", "--db", str(db_path)]) == 0
+    db = TuningDatabase.open(db_path)
+    for w in doc["workloads"]:
+        win = db.winner(w["spec"], GPU.to_dict())
+        assert win is not None and win.config == w["candidates"][1]["config"]
+    assert main(["tune", "--model", "var-d16", "--gpu", "h200", "--runner", "replay", "--replay", str(results),
+                 "--block-sizes", "32", "--db", str(db_path)]) == 2
+    assert "measured on h100, not h200" in capsys.readouterr().err

@@ -265,12 +265,11 @@ class BlockLayout:
 
     def transpose(self) -> "BlockLayout":
         """The layout of the transposed problem (keys as rows), e.g. for a backward pass over key blocks."""
-        masks = None
-        kinds_t = np.ascontiguousarray(self.kinds().T)
         if self.has_token_masks:
             token_t = self.to_token_mask(exact=True).T
             return BlockLayout.from_token_mask(np.ascontiguousarray(token_t), self.block_n, self.block_m)
-        return BlockLayout.from_kinds(kinds_t, self.kv_len, self.q_len, self.block_n, self.block_m, masks)
+        kinds_t = np.ascontiguousarray(self.kinds().T)
+        return BlockLayout.from_kinds(kinds_t, self.kv_len, self.q_len, self.block_n, self.block_m)
 
     # ------------------------------------------------------------------ identity and persistence
     def _header(self) -> dict[str, Any]:
