@@ -15,7 +15,6 @@ import argparse
 import faulthandler
 import os
 import json
-import math
 import statistics
 import subprocess
 import sys

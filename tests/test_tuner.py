@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pytest
 
-from sparvar_compiler.codegen.spec import KernelConfig, KernelSpec
+from sparvar_compiler.codegen.spec import KernelSpec
 from sparvar_compiler.db import TuningDatabase, config_key
 from sparvar_compiler.planner import csla_layout, get_gpu, make_plan
 from sparvar_compiler.tuner.measure import Measurement

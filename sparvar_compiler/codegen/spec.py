@@ -120,3 +120,29 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
                             or not out.is_contiguous()):
         raise KernelInputError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on "
                                f"{q.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
+def check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
+    """lse must be a contiguous float32 ``[B, H, Nq]`` tensor beside q."""
+    want = tuple(q.shape[:3])
+    if (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want or lse.dtype != torch.float32
+            or lse.device != q.device or not lse.is_contiguous()):
+        got = f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse)
+        raise KernelInputError(f"lse must be a contiguous float32 tensor of shape {want} on {q.device}, got {got}")
+
+
+def check_kernel_call(spec: KernelSpec, layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                      device_type: str | None = None) -> None:
+    """Everything a generated kernel's entry point checks before launch: the tensors against the layout
+    (:func:`check_attention_inputs`), then against the kernel's fixed spec (dtype, shape, lse)."""
+    check_attention_inputs(q, k, v, layout, out, device_type=device_type)
+    if dtype_name(q.dtype) != spec.dtype:
+        raise KernelInputError(f"this kernel takes {spec.dtype} tensors, got {q.dtype}")
+    want = (spec.batch, spec.heads, spec.q_len, spec.head_dim)
+    if tuple(q.shape) != want:
+        raise KernelInputError(f"q must have shape {want} for this kernel, got {tuple(q.shape)}")
+    if lse is not None:
+        if not spec.return_lse:
+            raise KernelInputError("lse was given but this kernel's spec has return_lse=False")
+        check_lse(lse, q)

@@ -74,7 +74,7 @@ from ..planner.layout import BlockLayout
 from .artifact import CompiledKernel, KernelParam
 from .render import render
 from .spec import (DTYPES, KINDS, KernelConfig, KernelConfigError, KernelInputError, KernelSpec,
-                   check_attention_inputs, default_scale, dtype_name)
+                   check_kernel_call, default_scale)
 
 ORDERS = ("q_major", "head_major")
 TILE_SIZES = (16, 32, 64, 128)
@@ -574,19 +574,7 @@ class TritonKernel:
 
     def _check(self, q, k, v, scale, out, lse) -> float:
         spec = self.spec
-        check_attention_inputs(q, k, v, self.layout, out, device_type="cpu" if self.interpret else "cuda")
-        if dtype_name(q.dtype) != spec.dtype:
-            raise KernelInputError(f"this kernel takes {spec.dtype} tensors, got {q.dtype}")
-        want = (spec.batch, spec.heads, spec.q_len, spec.head_dim)
-        if tuple(q.shape) != want:
-            raise KernelInputError(f"q must have shape {want} for this kernel, got {tuple(q.shape)}")
-        if lse is not None:
-            if not spec.return_lse:
-                raise KernelInputError("lse was given but this kernel's spec has return_lse=False")
-            if (tuple(lse.shape) != want[:3] or lse.dtype != torch.float32 or lse.device != q.device
-                    or not lse.is_contiguous()):
-                raise KernelInputError(f"lse must be a contiguous float32 tensor of shape {want[:3]} on {q.device}, "
-                                       f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
+        check_kernel_call(spec, self.layout, q, k, v, out, lse, device_type="cpu" if self.interpret else "cuda")
         scale = default_scale(spec.head_dim) if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0 < scale < math.inf):
             raise KernelInputError(f"scale must be a positive finite number, got {scale!r}")

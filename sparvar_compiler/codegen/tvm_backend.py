@@ -73,7 +73,7 @@ from ..planner.layout import BlockLayout
 from .artifact import CompiledKernel, KernelParam
 from .render import render
 from .spec import (KernelConfig, KernelConfigError, KernelInputError, KernelSpec, check_attention_inputs,
-                   default_scale, dtype_name)
+                   check_kernel_call, check_lse, default_scale)
 
 TARGETS = ("llvm", "cuda")
 TARGET_DTYPES = {"cuda": ("bf16", "fp16"), "llvm": ("fp32", "bf16", "fp16")}
@@ -381,21 +381,13 @@ def launch_args(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.
     if out is None:
         raise KernelInputError("out must be given: the launcher writes into it")
     if lse is not None:
-        _check_lse(lse, q)
+        check_lse(lse, q)
     args: dict[str, object] = {"q": q, "k": k, "v": v, "out": out,
                                "scale": _check_scale(scale, q.shape[-1])}
     if lse is not None:
         args["lse"] = lse
     args.update(_device_tables(layout, q.device if device is None else device))
     return args
-
-
-def _check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
-    want = tuple(q.shape[:3])
-    if (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want or lse.dtype != torch.float32
-            or lse.device != q.device or not lse.is_contiguous()):
-        got = f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse)
-        raise KernelInputError(f"lse must be a contiguous float32 tensor of shape {want} on {q.device}, got {got}")
 
 
 # ---------------------------------------------------------------------------------------------- in-process (llvm)
@@ -437,21 +429,12 @@ class TvmKernel:
         out, or ``(out, lse)`` when the spec has ``return_lse``.
         """
         spec = self.spec
-        check_attention_inputs(q, k, v, self.layout, out, device_type="cpu")
-        if dtype_name(q.dtype) != spec.dtype:
-            raise KernelInputError(f"this kernel takes {spec.dtype} tensors, got {q.dtype}")
-        want = (spec.batch, spec.heads, spec.q_len, spec.head_dim)
-        if tuple(q.shape) != want:
-            raise KernelInputError(f"q must have shape {want} for this kernel, got {tuple(q.shape)}")
-        if lse is not None:
-            if not spec.return_lse:
-                raise KernelInputError("lse was given but this kernel's spec has return_lse=False")
-            _check_lse(lse, q)
+        check_kernel_call(spec, self.layout, q, k, v, out, lse, device_type="cpu")
         scale = _check_scale(scale, spec.head_dim)
         out = torch.empty_like(q) if out is None else out
         args = [q, k, v, out]
         if spec.return_lse:
-            lse = torch.empty(want[:3], dtype=torch.float32) if lse is None else lse
+            lse = torch.empty(tuple(q.shape[:3]), dtype=torch.float32) if lse is None else lse
             args.append(lse)
         self._func(*args, self._kv_num, self._kv_idx, scale)
         return (out, lse) if spec.return_lse else out
@@ -637,28 +620,25 @@ def shortlist(spec: KernelSpec, gpu: GpuSpec) -> list[KernelConfig]:
     sm_90 the wgmma kernel."""
     tile_m = min(spec.block_m, 128)
     picks = [default_config(spec, gpu)]
+
+    def add(cfg: KernelConfig) -> None:
+        try:
+            validate_config(spec, cfg, gpu)
+        except KernelConfigError:
+            return
+        if cfg not in picks:
+            picks.append(cfg)
+
     for tm, tn, warps, stages, q_regs in ((tile_m, 64, tile_m // 16, 3, True), (tile_m, 32, tile_m // 16, 2, True),
                                           (tile_m, 64, tile_m // 16, 2, True), (tile_m, 128, tile_m // 16, 2, True),
                                           (tile_m, 32, tile_m // 32, 2, False), (tile_m, 32, tile_m // 32, 3, False),
                                           (64, 64, 4, 2, True), (64, 64, 4, 3, True)):
-        cfg = _config(min(tm, spec.block_m), min(tn, spec.block_n), max(1, warps), stages, q_regs)
-        try:
-            validate_config(spec, cfg, gpu)
-        except KernelConfigError:
-            continue
-        if cfg not in picks:
-            picks.append(cfg)
+        add(_config(min(tm, spec.block_m), min(tn, spec.block_n), max(1, warps), stages, q_regs))
     for tm, tn, stages, overlapped in ((tile_m, 64, 2, False), (tile_m, 64, 3, False), (tile_m, 128, 2, False),
                                        (64, 64, 2, False), (tile_m, 64, 3, True), (tile_m, 128, 3, True),
                                        (64, 64, 3, True)):
-        cfg = _config(min(tm, spec.block_m), min(tn, spec.block_n), min(tm, spec.block_m) // 16, stages,
-                      mma="wgmma", overlapped=overlapped)
-        try:
-            validate_config(spec, cfg, gpu)
-        except KernelConfigError:
-            continue
-        if cfg not in picks:
-            picks.append(cfg)
+        add(_config(min(tm, spec.block_m), min(tn, spec.block_n), min(tm, spec.block_m) // 16, stages,
+                    mma="wgmma", overlapped=overlapped))
     return picks
 
 
