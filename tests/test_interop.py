@@ -143,7 +143,7 @@ def test_from_block_mask_rejects_what_a_layout_cannot_hold(rng):
     m = to_block_mask(layout, token_exact=True)
     kv_num = m.full_kv_num_blocks.repeat(1, 2, 1)  # two heads ...
     kv_idx = m.full_kv_indices.repeat(1, 2, 1, 1)
-    kv_num[0, 1, 2] = 0  # ... that disagree
+    kv_num[0, 1, 2] = 1 - min(int(kv_num[0, 0, 2]), 1)  # ... that disagree (0 <-> 1 full block)
     per_head = fa.BlockMask.from_kv_blocks(m.kv_num_blocks.repeat(1, 2, 1), m.kv_indices.repeat(1, 2, 1, 1),
                                            kv_num, kv_idx, BLOCK_SIZE=(16, 32), seq_lengths=(77, 201))
     with pytest.raises(LayoutError, match="differs between batch elements or heads"):

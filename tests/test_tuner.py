@@ -90,11 +90,10 @@ def _run_workers(url, workers, n):
     procs = [ctx.Process(target=_worker, args=(url, i, n, 7, q)) for i in range(workers)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=240) for _ in procs]
     for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    return results
+        p.join(240)
+        assert p.exitcode == 0, f"worker {p.name} ended with exit code {p.exitcode}"
+    return [q.get(timeout=10) for _ in procs]
 
 
 def _check_shared_study(url):

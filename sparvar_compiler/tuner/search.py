@@ -93,9 +93,11 @@ def _open_study(optuna, name: str, url: str, seed: int):
 def _tell(study, trial, value=None, state=None) -> None:
     """Tell the study a result; a trial another worker's storage call already finished is left as it is (the
     tuning database, not the study, is the record of what was measured)."""
+    import optuna
+
     try:
         study.tell(trial, value, state=state, skip_if_finished=True)
-    except ValueError as e:
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
         logging.getLogger(__name__).warning("optuna refused a result for trial %s: %s", trial.number, e)
 
 
@@ -214,7 +216,12 @@ class Tuner:
                 study.enqueue_trial({k: nxt.to_dict().get(k) for k in domains}, skip_if_exists=True)
                 stale = 0
             trial = study.ask()
-            params = {k: trial.suggest_categorical(k, v) for k, v in domains.items()}
+            try:
+                params = {k: trial.suggest_categorical(k, v) for k, v in domains.items()}
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # On SQLite two workers can pop the same enqueued trial; the other one owns it now.
+                stale += 1
+                continue
             ckey = config_key(_config(params).to_dict())
             if ckey not in valid:
                 _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
