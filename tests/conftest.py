@@ -15,8 +15,3 @@ def rng():
 
 # The private PostgreSQL server (tests/pg_server.py), shared by every test module that asks for it.
 from pg_server import postgres_server, postgres_url  # noqa: E402,F401
-
-
-@pytest.fixture
-def pg_url(postgres_url):
-    return postgres_url

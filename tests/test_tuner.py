@@ -113,8 +113,8 @@ def test_three_sqlite_workers_share_one_study(tmp_path):
     _check_shared_study(f"sqlite:///{tmp_path / 'shared.sqlite'}")
 
 
-def test_three_postgres_workers_share_one_study(pg_url):
-    _check_shared_study(pg_url)
+def test_three_postgres_workers_share_one_study(postgres_url):
+    _check_shared_study(postgres_url)
 
 
 def test_bundle_build_here_then_ingest_measured_results(tmp_path, capsys):
