@@ -65,7 +65,12 @@ def test_console_entry_point_no_traceback():
     assert "unknown model 'infinity-9b'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_main_job_prints_plan(capsys):
-    assert main(["--model", "infinity-8b", "--gpu", "h100"]) == 0
+def test_main_job_prints_plan(capsys, tmp_path):
+    assert main(["--model", "infinity-8b", "--gpu", "h100", "-o", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "target: h100 (sm_90, 132 SMs)" in out and "79.0%" in out
+    from sparvar_compiler.emit.manifest import verify_module
+
+    # The shipped database holds H100 winners for every CSLA scale: the module is fully tuned.
+    manifest = verify_module(tmp_path / "m", gpu="h100")
+    assert manifest["tuned"] and sorted(k["scale"] for k in manifest["kernels"].values()) == [10, 11, 12]
