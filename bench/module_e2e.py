@@ -32,7 +32,7 @@ from sparvar_compiler.db import TuningDatabase  # noqa: E402
 from sparvar_compiler.emit.emitter import emit_module  # noqa: E402
 from sparvar_compiler.planner import PlanConfig, make_plan  # noqa: E402
 from sparvar_compiler.planner.gpus import gpu_from_device_name  # noqa: E402
-from sparvar_compiler.tuner.measure import golden  # noqa: E402
+from sparvar_compiler.tuner.measure import golden, same_dtype_reference  # noqa: E402
 
 COLD = r"""
 import sys, time, json
@@ -170,8 +170,7 @@ def main() -> None:
 
                 mask = torch.from_numpy(BlockLayout.from_npz(mod_dir / kinfo["layout_file"]).to_token_mask())
             gold = golden(q, k, v, mask.cuda(), m.default_scale)
-            am = mask.cuda()
-            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=m.default_scale)
+            ref = same_dtype_reference(q, k, v, mask.cuda(), m.default_scale)
             err, rerr = relative_error(o, gold), relative_error(ref, gold)
             checks.append({"kernel": name, "rel_err": err, "ref_err": rerr, "ok": err <= 3 * rerr})
             print(f"  check {name}: rel err {err:.2e} (bf16 SDPA-with-mask reference {rerr:.2e})", flush=True)

@@ -111,22 +111,9 @@ def _local_gpu_matches(gpu) -> bool:
         return False
 
 
-def _tasks(plan, backends, block_sizes):
-    """(scale, spec, layout) of every workload the plan's CSLA scales need, per backend and block size."""
-    from .emit.emitter import kernel_spec
-    from .planner import csla_layout
-
-    for s in plan.scales:
-        if not s.has_csla:
-            continue
-        for bs in block_sizes:
-            layout = csla_layout(plan, s.index, bs, bs)
-            for backend in backends:
-                yield s.index, kernel_spec(plan, s.index, layout, backend), layout
-
-
 def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe"):
     from .db import collect_environment
+    from .emit.emitter import plan_workloads
     from .tuner.runners import LocalRunner
     from .tuner.search import Tuner
 
@@ -134,7 +121,7 @@ def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=No
     tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, runner or LocalRunner(),
                   environment=collect_environment(probe_gpu=local), worker=worker)
     results = []
-    for scale, spec, layout in _tasks(plan, backends, block_sizes):
+    for scale, spec, layout in plan_workloads(plan, backends, block_sizes):
         print(f"tuning scale {scale} {spec.backend} {spec.block_m}x{spec.block_n} ({spec.q_len} x {spec.kv_len})",
               flush=True)
         results.append((scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
@@ -220,11 +207,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     backends = tuple(args.backend.split(","))
     blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
     if args.runner == "bundle":
+        from .emit.emitter import plan_workloads
         from .tuner.bundle import build_bundle
 
         if not args.bundle:
             raise PlanConfigError("--runner bundle needs --bundle DIR")
-        tasks = [(spec, layout) for _, spec, layout in _tasks(plan, backends, blocks)]
+        tasks = [(spec, layout) for _, spec, layout in plan_workloads(plan, backends, blocks)]
         path = build_bundle(tasks, gpu, args.bundle, max_candidates=args.trials)
         print(f"wrote {path}; on the GPU host run:\n  python -m sparvar_compiler.tuner.bundle measure {args.bundle} "
               f"--out results.json\nthen ingest here with:\n  sparvar-compile tune --model {args.model} --gpu "

@@ -77,30 +77,40 @@ def host_tables(spec: KernelSpec, layout: BlockLayout) -> dict[str, np.ndarray]:
     return mod.layout_tables(layout)
 
 
+def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_sizes: tuple[int, ...] = (64, 128),
+                   batch: int = DEFAULT_BATCH):
+    """``(scale, spec, layout)`` of every kernel workload the plan's CSLA scales may use: one per backend and
+    layout block size. The tuner measures these and the emitter picks among their winners."""
+    for s in plan.scales:
+        if not s.has_csla:
+            continue
+        for bs in block_sizes:
+            layout = csla_layout(plan, s.index, bs, bs)
+            for backend in backends:
+                yield s.index, kernel_spec(plan, s.index, layout, backend, batch=batch), layout
+
+
 def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str, ...] = ("triton",),
                    block_sizes: tuple[int, ...] = (64, 128), batch: int = DEFAULT_BATCH,
                    environment: dict | None = None) -> list[KernelChoice]:
     """Per CSLA scale, the fastest recorded winner over backends and block sizes, else the default config."""
+    best: dict[int, KernelChoice] = {}
+    for scale, spec, layout in plan_workloads(plan, backends, block_sizes, batch):
+        win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
+        if win is not None and (scale not in best or win.median_ms < best[scale].expected_ms):
+            best[scale] = KernelChoice(scale, spec, KernelConfig.from_dict(win.config), layout, True,
+                                       float(win.median_ms), f"database trial {win.id}")
     out = []
     for s in plan.scales:
         if not s.has_csla:
             continue
-        best: KernelChoice | None = None
-        for bs in block_sizes:
-            layout = csla_layout(plan, s.index, bs, bs)
-            for backend in backends:
-                spec = kernel_spec(plan, s.index, layout, backend, batch=batch)
-                win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
-                if win is not None and (best is None or not best.tuned or win.median_ms < best.expected_ms):
-                    best = KernelChoice(s.index, spec, KernelConfig.from_dict(win.config), layout, True,
-                                        float(win.median_ms), f"database trial {win.id}")
-        if best is None:
+        if s.index not in best:
             bs = DEFAULT_BLOCK if DEFAULT_BLOCK in block_sizes else block_sizes[0]
             layout = csla_layout(plan, s.index, bs, bs)
             spec = kernel_spec(plan, s.index, layout, backends[0], batch=batch)
-            best = KernelChoice(s.index, spec, _backend(spec.backend).default_config(spec, gpu), layout, False,
-                                None, "default config (untuned)")
-        out.append(best)
+            best[s.index] = KernelChoice(s.index, spec, _backend(spec.backend).default_config(spec, gpu), layout,
+                                         False, None, "default config (untuned)")
+        out.append(best[s.index])
     return out
 
 

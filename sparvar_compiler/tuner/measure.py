@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..codegen.reference import layout_mask, relative_error
+from ..codegen.reference import layout_mask, reference_attention, relative_error
 from ..codegen.spec import DTYPES, KernelSpec
 from ..planner.layout import BlockLayout
 
@@ -69,20 +69,15 @@ def spec_scale(spec: KernelSpec) -> float:
 
 
 def golden(q, k, v, mask: torch.Tensor, scale: float, chunk_heads: int = 4) -> torch.Tensor:
-    """float64 masked attention, chunked over heads to bound memory (4096 x 10521 scores per head)."""
+    """float64 masked attention (:func:`reference_attention`), chunked over heads to bound memory (4096 x 10521
+    scores per head)."""
     B, H, _, _ = q.shape
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     m = mask.to(q.device)
     for b in range(B):
         for h0 in range(0, H, chunk_heads):
-            sl = (b, slice(h0, h0 + chunk_heads))
-            s = torch.matmul(q[sl].double(), k[sl].double().transpose(-1, -2)) * scale
-            s = s.masked_fill(~m, float("-inf"))
-            mx = s.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-            p = torch.exp(s - mx)
-            den = p.sum(-1, keepdim=True)
-            out[sl] = torch.matmul(p, v[sl].double()) / torch.where(den > 0, den, torch.ones_like(den))
+            sl = (slice(b, b + 1), slice(h0, h0 + chunk_heads))
+            out[sl] = reference_attention(q[sl], k[sl], v[sl], m, scale=scale, dtype=torch.float64)
     return out
 
 
