@@ -39,6 +39,12 @@ class KernelSpec:
 
     ``scale_kind`` is ``"default"`` (1/sqrt(head_dim)) or ``"explicit"`` (a runtime argument, e.g. Infinity's
     1.0 on L2-normalised q/k); the kernel always takes the scale as an argument, the kind only keys tuning.
+
+    ``dynamic`` kernels (CS4A) read per-(batch, head) tables filled on the GPU at run time instead of a static
+    layout: ``block_m`` is then the table's query rows (a CS4A query group, or the D-CSLA block), ``capacity`` the
+    table width (keys for the gather kind, key blocks for the block kind) and ``layout_hash`` identifies the
+    static part of the tables. Both fields are left out of :meth:`to_dict` when unset, so the keys of static
+    kernels stay what they were.
     """
 
     backend: str
@@ -55,9 +61,14 @@ class KernelSpec:
     token_exact: bool = False
     return_lse: bool = False
     scale_kind: str = "default"
+    dynamic: bool = False
+    capacity: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.dynamic:
+            del d["dynamic"], d["capacity"]
+        return d
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -111,6 +122,8 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
         raise KernelInputError(f"k and v must be [B={B}, H={H}, Nkv, D={D}], got {tuple(k.shape)} and "
                                f"{tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise KernelInputError("k and v have no keys")
     if D not in (64, 128):
         raise KernelInputError(f"head_dim must be 64 or 128, got {D}")
     if Nq != layout.q_len or k.shape[2] != layout.kv_len:
@@ -131,12 +144,22 @@ def check_lse(lse: torch.Tensor, q: torch.Tensor) -> None:
         raise KernelInputError(f"lse must be a contiguous float32 tensor of shape {want} on {q.device}, got {got}")
 
 
-def check_kernel_call(spec: KernelSpec, layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+@dataclass(frozen=True)
+class TokenShape:
+    """The (q_len, kv_len) a dynamic kernel's tensors must have (what a layout says for a static one)."""
+
+    q_len: int
+    kv_len: int
+
+
+def check_kernel_call(spec: KernelSpec, layout: BlockLayout | None, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                       device_type: str | None = None) -> None:
     """Everything a generated kernel's entry point checks before launch: the tensors against the layout
-    (:func:`check_attention_inputs`), then against the kernel's fixed spec (dtype, shape, lse)."""
-    check_attention_inputs(q, k, v, layout, out, device_type=device_type)
+    (:func:`check_attention_inputs`; the spec's lengths for a dynamic kernel), then against the kernel's fixed
+    spec (dtype, shape, lse)."""
+    shape = layout if layout is not None else TokenShape(spec.q_len, spec.kv_len)
+    check_attention_inputs(q, k, v, shape, out, device_type=device_type)  # type: ignore[arg-type]
     if dtype_name(q.dtype) != spec.dtype:
         raise KernelInputError(f"this kernel takes {spec.dtype} tensors, got {q.dtype}")
     want = (spec.batch, spec.heads, spec.q_len, spec.head_dim)

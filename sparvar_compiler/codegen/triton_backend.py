@@ -155,6 +155,15 @@ def _check_spec(spec: KernelSpec, layout: BlockLayout | None = None) -> None:
         raise KernelConfigError(f"head_dim must be 64 or 128, got {spec.head_dim}")
     if spec.kind == "gather" and spec.token_exact:
         raise KernelConfigError("the gather kind has block-union semantics; token_exact must be False")
+    if spec.dynamic:
+        if spec.token_exact or spec.capacity < 1:
+            raise KernelConfigError("a dynamic kernel needs capacity >= 1 and token_exact False")
+        if spec.kind == "gather" and spec.capacity % TILE_SIZES[-1]:
+            raise KernelConfigError(f"a dynamic gather table's capacity must be a multiple of {TILE_SIZES[-1]} "
+                                    f"(a whole number of key tiles), got {spec.capacity}")
+        if layout is not None:
+            raise LayoutError("a dynamic kernel takes its tables at call time, not a static layout")
+        return
     if layout is None:
         return
     got = (layout.q_len, layout.kv_len, layout.block_m, layout.block_n)
@@ -266,15 +275,17 @@ def template_params(spec: KernelSpec, config: KernelConfig, layout: BlockLayout 
         num_stages=config.num_stages, order=order, return_lse=spec.return_lse,
         dot_precision="ieee" if spec.dtype == "fp32" else "tf32",  # fp32 must not silently become TF32
     )
+    params["dynamic_tables"] = spec.dynamic
     if spec.kind == "gather":
-        params["key_cap"] = key_capacity(spec.kv_len, spec.block_n)
+        params["key_cap"] = spec.capacity if spec.dynamic else key_capacity(spec.kv_len, spec.block_n)
         return params
     kv_blocks = _ceil_div(spec.kv_len, spec.block_n)
     tail = spec.kv_len - (kv_blocks - 1) * spec.block_n
-    params.update(layout_block_n=spec.block_n, kv_blocks=kv_blocks, table_width=kv_blocks, use_tma=_uses_tma(config),
+    params.update(layout_block_n=spec.block_n, kv_blocks=kv_blocks,
+                  table_width=spec.capacity if spec.dynamic else kv_blocks, use_tma=_uses_tma(config),
                   tail_tiles=_ceil_div(tail, bn), mask_words=_ceil_div(spec.block_n, 32),
                   token_exact=spec.token_exact,
-                  has_partial_blocks=layout is None or layout.partial_indices.size > 0,
+                  has_partial_blocks=not spec.dynamic and (layout is None or layout.partial_indices.size > 0),
                   table_params=kernel_params(spec)[4 + spec.return_lse:-1])
     return params
 
@@ -530,12 +541,12 @@ class TritonKernel:
         Why compiling at build time was skipped (an older Triton API), else None.
     """
 
-    def __init__(self, spec: KernelSpec, config: KernelConfig, layout: BlockLayout, interpret: bool):
+    def __init__(self, spec: KernelSpec, config: KernelConfig, layout: BlockLayout | None, interpret: bool):
         self.spec, self.config, self.layout, self.interpret = spec, config, layout, interpret
         self.source = render_source(spec, config, layout)
         self.path = _write_source(self.source)
         self._fn = getattr(_load_module(self.path, interpret), kernel_name(spec))
-        self._host_tables = _host_tables(spec, layout)
+        self._host_tables = {} if spec.dynamic else _host_tables(spec, layout)
         self._device_tables: dict[str, dict[str, torch.Tensor]] = {}
         self.grid = grid(spec, config)
         self.param_names = kernel_params(spec)
@@ -580,16 +591,18 @@ class TritonKernel:
             raise KernelInputError(f"scale must be a positive finite number, got {scale!r}")
         return float(scale)
 
-    def launch_args(self, q, k, v, out, lse, scale: float) -> dict[str, object]:
+    def launch_args(self, q, k, v, out, lse, scale: float, tables: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, object]:
         """``{parameter name: tensor or scalar}`` for one launch (tables on the inputs' device)."""
         args: dict[str, object] = {"q": q, "k": k, "v": v, "out": out, "scale": float(scale)}
         if self.spec.return_lse:
             args["lse"] = lse
-        args.update(self.tables(q.device))
+        args.update(tables if self.spec.dynamic else self.tables(q.device))
         return args
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                 out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                 tables: dict[str, torch.Tensor] | None = None):
         """Attention over the kernel's layout.
 
         Parameters
@@ -600,16 +613,23 @@ class TritonKernel:
             Softmax scale (default ``1/sqrt(D)``).
         out, lse:
             Optional outputs to write into (``lse`` only if the spec has ``return_lse``).
+        tables:
+            A dynamic kernel's tables (``key_num``/``key_idx`` or ``kv_num``/``kv_idx``, see
+            :func:`check_dynamic_tables`); not allowed for a static one.
 
         Returns
         -------
         out, or ``(out, lse)`` when the spec has ``return_lse``.
         """
         scale = self._check(q, k, v, scale, out, lse)
+        if self.spec.dynamic:
+            check_dynamic_tables(self.spec, tables, q.device, check_values=self.interpret)
+        elif tables is not None:
+            raise KernelInputError("tables are given at call time to dynamic (CS4A) kernels only")
         out = torch.empty_like(q) if out is None else out
         if self.spec.return_lse and lse is None:
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        args = self.launch_args(q, k, v, out, lse, scale)
+        args = self.launch_args(q, k, v, out, lse, scale, tables)
         ordered = [args[n] for n in self.param_names]
         launch = self._fn[self.grid]
         if self.interpret:
@@ -621,7 +641,41 @@ class TritonKernel:
         return (out, lse) if self.spec.return_lse else out
 
 
-def build(spec: KernelSpec, config: KernelConfig, layout: BlockLayout,
+def dynamic_table_shapes(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of a dynamic kernel's int32 tables: ``[B, H, rows]`` counts and ``[B, H, rows, capacity]``
+    indices, rows = query groups (gather kind) or query blocks (block kind) of ``spec.block_m`` queries."""
+    rows = _ceil_div(spec.q_len, spec.block_m)
+    num, idx = ("key_num", "key_idx") if spec.kind == "gather" else ("kv_num", "kv_idx")
+    return {num: (spec.batch, spec.heads, rows), idx: (spec.batch, spec.heads, rows, spec.capacity)}
+
+
+def check_dynamic_tables(spec: KernelSpec, tables: dict[str, torch.Tensor] | None, device: torch.device,
+                         check_values: bool = False) -> None:
+    """Raise :class:`KernelInputError` unless ``tables`` fit ``spec``: int32, contiguous, on ``device``, with
+    :func:`dynamic_table_shapes`. ``check_values`` also checks every count and index range (a host sync: for
+    tests and the interpreter, not the GPU hot path, where the CS4A builders guarantee them)."""
+    want = dynamic_table_shapes(spec)
+    if not isinstance(tables, dict) or set(tables) != set(want):
+        got = sorted(tables) if isinstance(tables, dict) else type(tables).__name__
+        raise KernelInputError(f"this dynamic kernel takes tables {sorted(want)}, got {got}")
+    for name, shape in want.items():
+        t = tables[name]
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.int32
+                or t.device != device or not t.is_contiguous()):
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise KernelInputError(f"table {name} must be a contiguous int32 tensor of shape {shape} on {device}, "
+                                   f"got {got}")
+    if check_values:
+        num_name, idx_name = sorted(want, key=lambda n: len(want[n]))
+        num, idx = tables[num_name], tables[idx_name]
+        limit = spec.kv_len if spec.kind == "gather" else _ceil_div(spec.kv_len, spec.block_n)
+        if int(num.min()) < 0 or int(num.max()) > spec.capacity:
+            raise KernelInputError(f"{num_name} must lie in [0, {spec.capacity}]")
+        if int(idx.min()) < 0 or int(idx.max()) >= limit:
+            raise KernelInputError(f"{idx_name} must lie in [0, {limit})")
+
+
+def build(spec: KernelSpec, config: KernelConfig, layout: BlockLayout | None = None,
           interpret: bool | None = None) -> TritonKernel:
     """Render, import and wrap the kernel of ``spec``/``config`` over ``layout``; on a GPU also compile it.
 
@@ -769,7 +823,7 @@ def check_resources(kernel: CompiledKernel, gpu: GpuSpec) -> None:
                                 f"{gpu.regs_per_sm} per multiprocessor")
 
 
-def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayout,
+def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayout | None,
                        gpu: GpuSpec) -> CompiledKernel:
     """Compile the kernel to a cubin for ``gpu`` without needing that GPU (or any GPU) present.
 
@@ -781,11 +835,18 @@ def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayo
     """
     _check_spec(spec, layout)
     validate_config(spec, config, gpu)
-    source = render_source(spec, config, layout)
+    return compile_source(render_source(spec, config, layout), kernel_name(spec), _signature(spec), config,
+                          grid(spec, config), spec.to_dict(), gpu)
+
+
+def compile_source(source: str, name: str, signature: dict[str, str], config: KernelConfig,
+                   launch_grid: tuple[int, int, int], spec: dict[str, Any], gpu: GpuSpec) -> CompiledKernel:
+    """Compile a rendered Triton kernel ``name`` to a :class:`CompiledKernel` for ``gpu`` (shared by every
+    Triton kernel kind): parameters in ``signature`` order plus the scratch buffers the compiler added, the
+    compiler's resource report, and the launch limits checked against ``gpu``."""
     path = _write_source(source)
     major, minor = gpu.capability
-    signature = _signature(spec)
-    job = {"path": str(path), "name": kernel_name(spec), "signature": signature, "arch": major * 10 + minor,
+    job = {"path": str(path), "name": name, "signature": signature, "arch": major * 10 + minor,
            "num_warps": config.num_warps, "num_stages": config.num_stages}
     mode = _triton_mode()
     if mode == "compiled" or (mode is None and torch.cuda.is_available()):
@@ -801,8 +862,7 @@ def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayo
     if len(ptx_types) < len(names):
         raise TritonCompileError(f"{res['name']} has {len(ptx_types)} PTX parameters, expected at least "
                                  f"{len(names)} ({names})")
-    g = grid(spec, config)
-    programs = g[0] * g[1] * g[2]
+    programs = launch_grid[0] * launch_grid[1] * launch_grid[2]
     params = [KernelParam(n, "ptr" if signature[n].startswith("*") else "f32") for n in names]
     scratch = [("global_scratch", res["global_scratch_size"]), ("profile_scratch", res["profile_scratch_size"])]
     for i in range(len(ptx_types) - len(names)):
@@ -811,8 +871,8 @@ def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayo
     arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
     kernel = CompiledKernel(
         backend="triton", arch=arch, entry=res["name"], binary=res["cubin"], binary_format="cubin",
-        params=tuple(params), grid=g, block=(res["num_warps"] * 32, 1, 1), shared_bytes=res["shared"],
+        params=tuple(params), grid=launch_grid, block=(res["num_warps"] * 32, 1, 1), shared_bytes=res["shared"],
         resources=resource_usage(res["cubin"], res["name"]),
-        spec=spec.to_dict(), config=config.to_dict())
+        spec=spec, config=config.to_dict())
     check_resources(kernel, gpu)
     return kernel

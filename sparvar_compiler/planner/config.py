@@ -18,6 +18,10 @@ Defaults (documented in the README), for a schedule of ``n`` scales and a model 
   ``band_windows`` = 7, 9, 11, ... (one per scale after the decision scale).
 * ``token_exact`` = False: active blocks are computed whole, as SparVAR does; True masks every partial block
   to the exact CSLA token mask.
+* ``residual`` = True: CS4A keeps the decision scale's ``O_dense - O_sparse`` per layer and adds its bilinear
+  upsampling to the later scales' CS4A outputs, as SparVAR does.
+* D-CSLA (``cs4a: block``): ``dcsla_block`` = 64 (query and key block side), ``dcsla_coverage`` = 0.9 of each
+  row's decision-scale mass, at least ``dcsla_min_blocks`` = 16 blocks and at most half the row.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ class PlanConfig:
     key_tile: int = 112
     band_windows: tuple[int, ...] | None = None
     token_exact: bool = False
+    residual: bool = True
+    dcsla_block: int = 64
+    dcsla_coverage: float = 0.9
+    dcsla_min_blocks: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -106,7 +114,7 @@ def config_from_mapping(data: Any, where: str) -> PlanConfig:
             continue
         if name in ("decision_scale", "bound_layer", "sink_scales", "skip_last"):
             kw[name] = _int(value, name, where, minimum=0)
-        elif name in ("group_size", "key_tile"):
+        elif name in ("group_size", "key_tile", "dcsla_block", "dcsla_min_blocks"):
             kw[name] = _int(value, name, where, minimum=1)
         elif name in ("windows", "band_windows"):
             kw[name] = _int_list(value, name, where)
@@ -119,13 +127,13 @@ def config_from_mapping(data: Any, where: str) -> PlanConfig:
                 raise PlanConfigError(
                     f"{where}: 'key_mapping' must be one of {', '.join(KEY_MAPPINGS)}, got {value!r}")
             kw[name] = value
-        elif name == "topk_fraction":
+        elif name in ("topk_fraction", "dcsla_coverage"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise PlanConfigError(f"{where}: 'topk_fraction' must be a number in (0, 1], got {value!r}")
+                raise PlanConfigError(f"{where}: '{name}' must be a number in (0, 1], got {value!r}")
             kw[name] = float(value)
-        elif name == "token_exact":
+        elif name in ("token_exact", "residual"):
             if not isinstance(value, bool):
-                raise PlanConfigError(f"{where}: 'token_exact' must be true or false, got {value!r}")
+                raise PlanConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
             kw[name] = value
     return PlanConfig(**kw)
 
