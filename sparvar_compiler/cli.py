@@ -20,7 +20,7 @@ from .planner import (PlanConfig, csla_layout, format_summary, get_gpu, get_mode
                       load_config_file, make_plan, plan_summary)
 from .planner.layout import check_block_size
 
-COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus")
+COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus", "fidelity", "calibrate")
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="DIR", help="write scale<index>.png pictures of the layouts")
     p.set_defaults(func=_cmd_plan)
 
+    from .fidelity.cli import add_commands as add_fidelity_commands
+
+    add_fidelity_commands(sub)  # fidelity, calibrate
     sub.add_parser("models", help="list registered models").set_defaults(func=_cmd_models)
     sub.add_parser("gpus", help="list registered GPUs").set_defaults(func=_cmd_gpus)
     return parser

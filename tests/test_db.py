@@ -71,7 +71,7 @@ def test_workload_fields_mirror_kernel_spec():
     for name, (kind, default) in WORKLOAD_FIELDS.items():
         assert hints[name] is kind, name
         has_default = fields[name].default is not dataclasses.MISSING
-        assert has_default == (name in ("token_exact", "return_lse", "scale_kind")), name
+        assert has_default == (name in ("token_exact", "return_lse", "scale_kind", "dynamic", "capacity")), name
         if has_default:
             assert default == fields[name].default, name
     assert resolve_workload(KernelSpec(**SPEC).to_dict()) == dict(sorted(SPEC.items()))

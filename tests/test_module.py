@@ -57,6 +57,8 @@ def test_fallback_calls_match_independent_references(module, rng):
         v = torch.randn(2, PLAN.heads, s.kv_len, 64, dtype=torch.bfloat16)
         for layer in (0, PLAN.depth - 1):
             op, name = m.op(s.index, layer)
+            if op == "cs4a":
+                continue  # stateful, checked against its reference pipeline in test_cs4a_dynamic.py
             out_t = torch.full_like(q, float("nan"))
             m.attention(q, k, v, s.index, layer, out=out_t)
             if op == "kernel":

@@ -43,7 +43,7 @@ class KernelSpec:
     ``dynamic`` kernels (CS4A) read per-(batch, head) tables filled on the GPU at run time instead of a static
     layout: ``block_m`` is then the table's query rows (a CS4A query group, or the D-CSLA block), ``capacity`` the
     table width (keys for the gather kind, key blocks for the block kind) and ``layout_hash`` identifies the
-    static part of the tables. Both fields are left out of :meth:`to_dict` when unset, so the keys of static
+    static part of the tables. Each is left out of :meth:`to_dict` while at its default, so the keys of static
     kernels stay what they were.
     """
 
@@ -66,8 +66,9 @@ class KernelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not self.dynamic:
-            del d["dynamic"], d["capacity"]
+        for name, default in (("dynamic", False), ("capacity", 0)):
+            if d[name] == default:
+                del d[name]
         return d
 
     def key(self) -> str:

@@ -378,7 +378,7 @@ def default_config(spec: KernelSpec, gpu: GpuSpec | None = None) -> KernelConfig
     4 warps per 64 query rows, and the most stages (up to 3) whose estimated shared memory fits ``gpu``."""
     _check_spec(spec)
     gpu = gpu or _local_gpu()
-    bm = min(spec.block_m, 128)
+    bm = max(t for t in TILE_SIZES if spec.block_m % t == 0 and t <= 128)  # 64 for a CS4A group of 192
     bn = 64 if spec.kind == "gather" else min(spec.block_n, 64)
     bn = min(bn, 32) if spec.dtype == "fp32" else bn
     warps = 8 if bm >= 128 else 4

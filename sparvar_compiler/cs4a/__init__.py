@@ -6,10 +6,12 @@ image's decision-scale statistics into per-(batch, head) tables on the device, w
 so that a whole image stays capturable in one CUDA graph.
 """
 
-from .select import (BlockTables, TokenTables, block_mass, block_tables, compact_rows, cs4a_masks,
+from .select import (BlockTables, TokenTables, block_mass, example_selection, fill_tables,
+                     kernel_tables_mask, block_tables, compact_rows, cs4a_masks,
                      decision_mask, dcsla_select, group_mass, group_mass_reference, tables_mask, token_tables,
-                     topk_keys, upsample_residual)
+                     topk_keys, upsample_grid, upsample_residual, tables_from_data,
+                     tables_to_data)
 
-__all__ = ["BlockTables", "TokenTables", "block_mass", "block_tables", "compact_rows", "cs4a_masks",
+__all__ = ["BlockTables", "TokenTables", "block_mass", "example_selection", "fill_tables", "kernel_tables_mask", "block_tables", "compact_rows", "cs4a_masks",
            "decision_mask", "dcsla_select", "group_mass", "group_mass_reference", "tables_mask", "token_tables",
-           "topk_keys", "upsample_residual"]
+           "topk_keys", "upsample_grid", "upsample_residual", "tables_from_data", "tables_to_data"]

@@ -19,7 +19,7 @@ valid index (never read past ``num`` unmasked), so loads stay in bounds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ class TokenTables(_OnDevice):
     static_len: np.ndarray
     capacity: int
     dedup: bool
+    decision_kv_len: int
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _arrays = ("decision_group", "static_keys", "static_len", "key_map_or_empty")
 
@@ -192,6 +193,7 @@ class BlockTables(_OnDevice):
     decision_row: np.ndarray
     static_blocks: np.ndarray
     static_len: np.ndarray
+    decision_kv_len: int
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     _arrays = ("decision_row", "static_blocks")
 
@@ -265,7 +267,7 @@ def token_tables(plan: Plan, scale_index: int, mapping: str | None = None) -> To
         keys[g, len(s):] = s[-1]
     cap = _ceil_div(topk + width, _TILE) * _TILE
     return TokenTables(scale_index, sp.tokens, sp.kv_len, gs, topk, dgroup, kmap, keys,
-                       np.array([len(s) for s in static], dtype=np.int32), cap, dedup)
+                       np.array([len(s) for s in static], dtype=np.int32), cap, dedup, dec.kv_len)
 
 
 def block_tables(plan: Plan, scale_index: int) -> BlockTables:
@@ -290,7 +292,37 @@ def block_tables(plan: Plan, scale_index: int) -> BlockTables:
         blocks[r, len(s):] = s[-1]
     select_cap = dcsla_capacity(_ceil_div(dec.kv_len, bs), cfg.dcsla_min_blocks, 0.5)
     return BlockTables(scale_index, sp.tokens, sp.kv_len, bs, select_cap, group_mapping(rows, rows_s).astype(np.int64),
-                       blocks, np.array([len(s) for s in static], dtype=np.int32))
+                       blocks, np.array([len(s) for s in static], dtype=np.int32), dec.kv_len)
+
+
+def example_selection(tables: TokenTables | BlockTables, batch: int, heads: int, device: torch.device | str,
+                      generator: torch.Generator, coverage: float = 0.9, min_blocks: int = 16):
+    """A selection drawn from random decision-scale mass (what tuning and benchmarks feed the dynamic kernels:
+    every shape and capacity is the real one; only which keys are picked is random)."""
+    if isinstance(tables, TokenTables):
+        groups = int(tables.decision_group.max()) + 1
+        mass = torch.rand(batch, heads, groups, tables.decision_kv_len, device=device, generator=generator)
+        return topk_keys(mass, tables.topk)
+    rows = int(tables.decision_row.max()) + 1
+    kb = _ceil_div(tables.decision_kv_len, tables.block)
+    mass = torch.rand(batch, heads, rows, kb, device=device, generator=generator) ** 4  # a few heavy blocks
+    return dcsla_select(mass, coverage, min_blocks, tables.select_capacity)
+
+
+def fill_tables(tables: TokenTables | BlockTables, selection) -> dict[str, torch.Tensor]:
+    """The kernel's table arguments by parameter name, filled from a selection."""
+    if isinstance(tables, TokenTables):
+        num, idx = tables.fill(selection)
+        return {"key_num": num.contiguous(), "key_idx": idx.contiguous()}
+    num, idx = tables.fill(*selection)
+    return {"kv_num": num.contiguous(), "kv_idx": idx.contiguous()}
+
+
+def kernel_tables_mask(tables: TokenTables | BlockTables, filled: dict[str, torch.Tensor]) -> torch.Tensor:
+    """bool ``[B, H, q_len, kv_len]`` of what the dynamic kernel attends to with ``filled`` tables."""
+    if isinstance(tables, TokenTables):
+        return tables_mask(filled["key_num"], filled["key_idx"], tables.group_size, tables.q_len, tables.kv_len)
+    return tables_mask(filled["kv_num"], filled["kv_idx"], tables.block, tables.q_len, tables.kv_len, tables.block)
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -362,21 +394,69 @@ def decision_mask(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, softmax_
     return _mask_for(plan, plan.config.decision_scale, sel, mode, "identity")
 
 
-def upsample_residual(residual: torch.Tensor, plan: Plan, scale_index: int) -> torch.Tensor:
-    """Bilinear upsampling (half-pixel centres) of the decision scale's residual ``[B, H, tokens_S, D]`` to
-    ``[B, H, tokens_k, D]`` on scale ``scale_index``'s grid (any aspect ratio)."""
-    dec, sp = plan.scales[plan.config.decision_scale], plan.scales[scale_index]
+def upsample_grid(residual: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (half-pixel centres) of ``[B, H, h*w, D]`` tokens on grid ``src = (h, w)`` to grid
+    ``dst``: ``[B, H, h'*w', D]`` (any aspect ratio)."""
     B, H, N, D = residual.shape
-    if N != dec.tokens:
-        raise ValueError(f"residual has {N} tokens, the decision scale has {dec.tokens}")
-    x = residual.reshape(B, H, dec.h, dec.w, D).permute(0, 1, 4, 2, 3).reshape(B, H * D, dec.h, dec.w)
+    (h, w), (h2, w2) = src, dst
+    if N != h * w:
+        raise ValueError(f"residual has {N} tokens, not {h}x{w}")
+    x = residual.reshape(B, H, h, w, D).permute(0, 1, 4, 2, 3).reshape(B, H * D, h, w)
     dtype = x.dtype
     if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         x = x.float()  # CPU bilinear kernels do not all take half types
-    y = torch.nn.functional.interpolate(x, size=(sp.h, sp.w), mode="bilinear", align_corners=False)
-    return y.to(dtype).reshape(B, H, D, sp.h, sp.w).permute(0, 1, 3, 4, 2).reshape(B, H, sp.tokens, D)
+    y = torch.nn.functional.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False)
+    return y.to(dtype).reshape(B, H, D, h2, w2).permute(0, 1, 3, 4, 2).reshape(B, H, h2 * w2, D)
+
+
+def upsample_residual(residual: torch.Tensor, plan: Plan, scale_index: int) -> torch.Tensor:
+    """The decision scale's residual ``[B, H, tokens_S, D]`` upsampled to scale ``scale_index``'s grid."""
+    dec, sp = plan.scales[plan.config.decision_scale], plan.scales[scale_index]
+    return upsample_grid(residual, (dec.h, dec.w), (sp.h, sp.w))
+
+
+# --------------------------------------------------------------------------------------------- storage
+def tables_to_data(tables: TokenTables | BlockTables) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(scalars, arrays)`` of static tables: JSON-able scalars for a manifest and numpy arrays for an npz."""
+    scalars, arrays = {"kind": "token" if isinstance(tables, TokenTables) else "block"}, {}
+    for f in fields(tables):
+        if f.name.startswith("_"):
+            continue
+        value = getattr(tables, f.name)
+        if isinstance(value, np.ndarray):
+            arrays[f.name] = value
+        elif value is not None:
+            scalars[f.name] = value
+    return scalars, arrays
+
+
+def tables_from_data(scalars: dict, arrays: dict[str, np.ndarray]) -> TokenTables | BlockTables:
+    """Inverse of :func:`tables_to_data`; raises ``ValueError`` naming a missing or malformed field."""
+    cls = {"token": TokenTables, "block": BlockTables}.get(scalars.get("kind"))
+    if cls is None:
+        raise ValueError(f"CS4A tables of unknown kind {scalars.get('kind')!r}")
+    kw = {}
+    for f in fields(cls):
+        if f.name.startswith("_"):
+            continue
+        if f.name in arrays:
+            kw[f.name] = np.asarray(arrays[f.name])
+        elif f.name in scalars:
+            kw[f.name] = scalars[f.name]
+        elif f.name == "key_map":
+            kw[f.name] = None
+        else:
+            raise ValueError(f"CS4A {scalars['kind']} tables miss field {f.name!r}")
+    t = cls(**kw)
+    rows = t.groups if isinstance(t, TokenTables) else t.rows
+    lens = t.static_len
+    if lens.shape != (rows,) or int(lens.max(initial=0)) > (t.static_keys if isinstance(t, TokenTables)
+                                                              else t.static_blocks).shape[1]:
+        raise ValueError(f"CS4A tables of scale {t.scale} are inconsistent (static lengths vs widths)")
+    return t
 
 
 __all__ = ["BlockTables", "TokenTables", "block_mass", "block_tables", "compact_rows", "cs4a_masks",
            "decision_mask", "dcsla_select", "group_mass", "group_mass_reference", "tables_mask", "token_tables",
-           "topk_keys", "upsample_residual"]
+           "topk_keys", "upsample_grid", "upsample_residual", "tables_to_data", "tables_from_data",
+           "example_selection", "fill_tables", "kernel_tables_mask"]

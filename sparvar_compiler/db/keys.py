@@ -36,7 +36,13 @@ WORKLOAD_FIELDS: dict[str, tuple[type, Any]] = {
     "token_exact": (bool, False),
     "return_lse": (bool, False),
     "scale_kind": (str, "default"),
+    "dynamic": (bool, False),
+    "capacity": (int, 0),
 }
+
+#: Fields added after records existed: left out of a resolved workload while they hold their default, so the
+#: keys of every earlier (static) workload stay what they were.
+OMITTED_AT_DEFAULT = ("dynamic", "capacity")
 
 #: What identifies a target card. Other fields of ``GpuSpec.to_dict()`` (shared memory, L2) follow from these
 #: and are ignored.
@@ -92,6 +98,8 @@ def resolve_workload(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise TuningDatabaseError(f"workload is missing field {name!r}")
         else:
             value = default
+        if name in OMITTED_AT_DEFAULT and value == default and type(value) is type(default):
+            continue
         _check_type("workload", name, value, kind)
         out[name] = value
     return dict(sorted(out.items()))

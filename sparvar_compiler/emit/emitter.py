@@ -3,8 +3,9 @@
 For every scale whose plan has CSLA layers the emitter picks a kernel: among the allowed layout block sizes,
 the one whose database winner is fastest on the target (or, with no evidence, the documented default config at
 the default block size, marked ``tuned: false``), compiles it for the target GPU without needing that GPU, and
-writes its cubin, its layout and launch tables (npz) and a manifest. Dense and decision layers dispatch to SDPA
-(cuDNN / FlashAttention) at run time. The module is written to a temporary directory and renamed into place, so
+writes its cubin, its layout and launch tables (npz) and a manifest. Dense layers dispatch to SDPA (cuDNN /
+FlashAttention) at run time; layers below the bound layer run CS4A (:mod:`.cs4a`): dense plus statistics and
+selection at the decision scale, dynamic kernels at the later scales. The module is written to a temporary directory and renamed into place, so
 an interrupted emit never leaves a half-written module.
 """
 
@@ -28,6 +29,8 @@ from ..planner.csla import csla_layout
 from ..planner.gpus import GpuSpec
 from ..planner.layout import BlockLayout
 from ..planner.plan import Mode, Plan
+from ..cs4a.select import block_tables, token_tables
+from .cs4a import choose_cs4a_kernels, cs4a_scales, dynamic_spec, emit_cs4a
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 DEFAULT_BLOCK = 64          # the default layout block when nothing is tuned (fewest wasted FLOPs of CSLA)
@@ -79,8 +82,10 @@ def host_tables(spec: KernelSpec, layout: BlockLayout) -> dict[str, np.ndarray]:
 
 def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_sizes: tuple[int, ...] = (64, 128),
                    batch: int = DEFAULT_BATCH):
-    """``(scale, spec, layout)`` of every kernel workload the plan's CSLA scales may use: one per backend and
-    layout block size. The tuner measures these and the emitter picks among their winners."""
+    """``(scale, spec, layout)`` of every kernel workload of the plan: per CSLA scale one per backend and layout
+    block size, then (Triton) the dynamic CS4A kernels, whose third item is their static
+    :class:`~sparvar_compiler.cs4a.TokenTables` / ``BlockTables`` instead of a layout. The tuner measures these
+    and the emitter picks among their winners."""
     for s in plan.scales:
         if not s.has_csla:
             continue
@@ -88,6 +93,11 @@ def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_si
             layout = csla_layout(plan, s.index, bs, bs)
             for backend in backends:
                 yield s.index, kernel_spec(plan, s.index, layout, backend, batch=batch), layout
+    if "triton" in backends:
+        scale_kind = softmax_scale(plan)[1]
+        for scale in cs4a_scales(plan):
+            tables = token_tables(plan, scale) if plan.config.cs4a == "token" else block_tables(plan, scale)
+            yield scale, dynamic_spec(plan, tables, batch, DTYPE, scale_kind), tables
 
 
 def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str, ...] = ("triton",),
@@ -96,6 +106,8 @@ def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str
     """Per CSLA scale, the fastest recorded winner over backends and block sizes, else the default config."""
     best: dict[int, KernelChoice] = {}
     for scale, spec, layout in plan_workloads(plan, backends, block_sizes, batch):
+        if spec.dynamic:
+            continue  # CS4A kernels: emit.cs4a chooses them
         win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
         if win is not None and (scale not in best or win.median_ms < best[scale].expected_ms):
             best[scale] = KernelChoice(scale, spec, KernelConfig.from_dict(win.config), layout, True,
@@ -123,8 +135,9 @@ def _dispatch(plan: Plan, kernels: dict[int, str]) -> list[dict[str, Any]]:
             elif mode == Mode.CSLA:
                 op, kernel, note = "kernel", kernels[s.index], "csla"
             elif mode == Mode.CS4A:
-                # The dynamic CS4A kernels are not built yet: run these layers dense, exactly.
-                op, kernel, note = "sdpa", None, "cs4a planned; dense until the CS4A kernels exist"
+                op, kernel, note = "cs4a", None, f"cs4a {plan.config.cs4a}: tables from the decision scale"
+            elif mode == Mode.DECISION:
+                op, kernel, note = "cs4a_decision", None, "dense (cuDNN) + CS4A statistics and selection"
             else:
                 op, kernel, note = "sdpa", None, mode.value
             rows.append({"scale": s.index, "layer": layer, "mode": mode.value, "op": op, "kernel": kernel,
@@ -170,6 +183,8 @@ def emit_module(plan: Plan, gpu: GpuSpec, output: str | Path, db: Any | None = N
             }
             by_scale[c.scale] = name
         scale_value, scale_kind = softmax_scale(plan)
+        cs4a_choices = choose_cs4a_kernels(plan, gpu, db, batch, DTYPE, scale_kind, environment)
+        cs4a = emit_cs4a(plan, gpu, tmp, cs4a_choices, progress)
         (tmp / "README.txt").write_text(
             f"sparvar runtime module: {plan.model} {plan.resolution}px {plan.aspect} for {gpu.name} ({gpu.arch}).\n"
             "Load it with:  import sparvar_compiler.runtime as rt; m = rt.load(THIS_DIRECTORY)\n"
@@ -185,8 +200,9 @@ def emit_module(plan: Plan, gpu: GpuSpec, output: str | Path, db: Any | None = N
             "plan": plan.to_dict(), "target": gpu.to_dict(),
             "environment": environment if environment is not None else collect_environment(probe_gpu=False),
             "batch": batch, "dtype": DTYPE, "softmax_scale": scale_value, "softmax_scale_kind": scale_kind,
-            "kernels": kernels, "dispatch": _dispatch(plan, by_scale), "files": files,
+            "kernels": kernels, "dispatch": _dispatch(plan, by_scale), "files": files, "cs4a": cs4a,
             "tuned": all(k["tuned"] for k in kernels.values()),
+            "cs4a_tuned": None if cs4a is None else all(v["tuned"] for v in cs4a["scales"].values()),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _replace_dir(tmp, output)

@@ -22,7 +22,7 @@ from ..errors import SparvarError
 
 MANIFEST = "manifest.json"
 FORMAT = "sparvar-module"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cs4a section and its dispatch ops
 
 
 class ModuleError(SparvarError):
@@ -94,6 +94,21 @@ def verify_module(directory: str | Path, gpu: str | None = None) -> dict[str, An
                 raise ModuleError(f"kernel {kname} has no '{key}'")
         if k["binary"] not in files or k["layout"] not in files:
             raise ModuleError(f"kernel {kname} refers to a file that is not in the manifest")
+    cs4a = manifest.get("cs4a")
+    ops = {entry.get("op") for entry in manifest["dispatch"]}
+    if ops & {"cs4a", "cs4a_decision"}:
+        if not isinstance(cs4a, dict) or not isinstance(cs4a.get("scales"), dict) or "stats" not in cs4a:
+            raise ModuleError("dispatch runs CS4A but the manifest has no valid 'cs4a' section")
+        for entry in manifest["dispatch"]:
+            if entry.get("op") == "cs4a" and str(entry.get("scale")) not in cs4a["scales"]:
+                raise ModuleError(f"dispatch runs CS4A at scale {entry.get('scale')} but the cs4a section has no "
+                                  "kernel for it")
+        for kname, k in [("stats", cs4a["stats"]), *cs4a["scales"].items()]:
+            for key in ("binary", "meta", "spec", "config") + (("tables_file", "tables") if kname != "stats" else ()):
+                if key not in k:
+                    raise ModuleError(f"cs4a kernel {kname} has no '{key}'")
+            if k["binary"] not in files or (kname != "stats" and k["tables_file"] not in files):
+                raise ModuleError(f"cs4a kernel {kname} refers to a file that is not in the manifest")
     if gpu is not None and manifest["target"].get("name") != gpu:
         raise ModuleError(f"module was built for {manifest['target'].get('name')}, not {gpu}")
     return manifest

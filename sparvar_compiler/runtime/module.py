@@ -74,6 +74,11 @@ class SparvarModule:
                 self._tables[name] = {t: torch.from_numpy(a.copy()).to(self.device) for t, a in arrays.items()}
         for row in m["dispatch"]:
             self._ops[row["scale"]][row["layer"]] = (row["op"], row["kernel"])
+        self.cs4a = None
+        if m.get("cs4a"):
+            from .cs4a import CS4ARuntime
+
+            self.cs4a = CS4ARuntime(m["cs4a"], m["plan"], self.directory, self.device, self.fallback)
 
     def _check_target(self) -> None:
         target = self.manifest["target"]
@@ -93,7 +98,8 @@ class SparvarModule:
                               f"but this device is {props.name}: {'; '.join(problems)}")
 
     def op(self, scale_index: int, layer_index: int) -> tuple[str, str | None]:
-        """What a call runs: ``("kernel", name)``, ``("sdpa", None)`` or ``("skip", None)``."""
+        """What a call runs: ``("kernel", name)``, ``("sdpa", None)``, ``("cs4a_decision", None)`` (dense plus
+        CS4A statistics and selection), ``("cs4a", None)`` (a dynamic CS4A kernel) or ``("skip", None)``."""
         if not 0 <= scale_index < len(self._ops):
             raise KernelInputError(f"scale_index {scale_index} is out of range 0..{len(self._ops) - 1}")
         if not 0 <= layer_index < len(self._ops[scale_index]):
@@ -125,7 +131,10 @@ class SparvarModule:
                   scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention of one (scale, layer) as planned: q ``[B, H, tokens, D]`` against the KV cache
         ``[B, H, kv_len, D]`` of that scale (no mask inside a scale: the queries see every cached key the plan
-        keeps). ``scale`` defaults to the module's softmax scale (1.0 for Infinity's normalised q/k)."""
+        keeps). ``scale`` defaults to the module's softmax scale (1.0 for Infinity's normalised q/k).
+
+        CS4A layers are stateful within an image: call a layer's decision scale before its later scales, as
+        generation does (each decision-scale call replaces that layer's selection)."""
         op, name = self.op(scale_index, layer_index)
         self._check(q, k, v, scale_index, out)
         scale = self.default_scale if scale is None else float(scale)
@@ -133,6 +142,10 @@ class SparvarModule:
             raise KernelInputError(f"scale must be a positive finite number, got {scale!r}")
         if op == "skip":
             raise KernelInputError(f"scale {scale_index} is skipped by this module's plan: it runs no attention")
+        if op == "cs4a_decision":
+            return self.cs4a.decision(q, k, v, layer_index, scale, out)
+        if op == "cs4a":
+            return self.cs4a.later(q, k, v, scale_index, layer_index, scale, out)
         if op == "kernel":
             if self.fallback:
                 from ..codegen.reference import reference_attention

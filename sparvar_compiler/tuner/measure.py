@@ -77,7 +77,8 @@ def golden(q, k, v, mask: torch.Tensor, scale: float, chunk_heads: int = 4) -> t
     for b in range(B):
         for h0 in range(0, H, chunk_heads):
             sl = (slice(b, b + 1), slice(h0, h0 + chunk_heads))
-            out[sl] = reference_attention(q[sl], k[sl], v[sl], m, scale=scale, dtype=torch.float64)
+            mm = m[sl] if m.dim() == 4 else m  # per-(batch, head) masks of dynamic (CS4A) kernels
+            out[sl] = reference_attention(q[sl], k[sl], v[sl], mm, scale=scale, dtype=torch.float64)
     return out
 
 
@@ -86,7 +87,7 @@ def same_dtype_reference(q, k, v, mask: torch.Tensor, scale: float) -> torch.Ten
     am = mask.to(q.device)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=scale)
     empty = ~am.any(-1)
-    return out.masked_fill(empty[None, None, :, None], 0.0)
+    return out.masked_fill(empty[..., None] if am.dim() == 4 else empty[None, None, :, None], 0.0)
 
 
 @dataclass

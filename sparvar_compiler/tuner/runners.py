@@ -50,6 +50,8 @@ class LocalRunner:
 
         mod = backend_module(spec.backend)
         key = spec.key()
+        if spec.dynamic:
+            return self._measure_dynamic(spec, config, layout)
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = None  # free the previous workload's tensors first
             mask = None
@@ -65,6 +67,36 @@ class LocalRunner:
         except Exception as e:  # noqa: BLE001 - a compile failure is a recorded outcome, not a crash
             return Measurement(False, reason="compile_error", detail=f"{type(e).__name__}: {e}"[:500])
         return check_and_time(spec, layout, kernel, prepared=self._prepared[1], reps=self.reps, warmup=self.warmup)
+
+
+    def _measure_dynamic(self, spec: KernelSpec, config: KernelConfig, tables) -> Measurement:
+        """A dynamic CS4A kernel: tables filled from a random selection (real shapes and capacities), checked
+        against float64 attention restricted to what those tables select, per (batch, head)."""
+        import torch
+
+        from ..cs4a.select import example_selection, fill_tables, kernel_tables_mask
+        from .measure import check_and_time, prepare
+
+        key = spec.key()
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = None
+            gen = torch.Generator(device="cuda")
+            gen.manual_seed(self.seed)
+            filled = fill_tables(tables, example_selection(tables, spec.batch, spec.heads, "cuda", gen))
+            mask = kernel_tables_mask(tables, filled)
+            self._prepared = (key, (prepare(spec, None, seed=self.seed, mask=mask), filled))
+        prepared, filled = self._prepared[1]
+        try:
+            kernel = backend_module(spec.backend).build(spec, config)
+        except KernelConfigError as e:
+            return Measurement(False, reason="out_of_resources", detail=str(e)[:500])
+        except Exception as e:  # noqa: BLE001 - a compile failure is a recorded outcome, not a crash
+            return Measurement(False, reason="compile_error", detail=f"{type(e).__name__}: {e}"[:500])
+
+        def run(q, k, v, scale, out):
+            return kernel(q, k, v, scale, out=out, tables=filled)
+
+        return check_and_time(spec, None, run, prepared=prepared, reps=self.reps, warmup=self.warmup)
 
 
 def replay_key(spec: KernelSpec, config: KernelConfig) -> str:

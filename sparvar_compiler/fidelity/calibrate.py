@@ -1,0 +1,490 @@
+"""Recommend a plan config: the least attention cost whose fidelity on the given q/k/v meets a floor.
+
+Search (Optuna TPE, seeded) over the SparVAR knobs: ``decision_scale``, ``bound_layer``, the CSLA ``windows``
+(every kept window grown by ``2 * window_growth``; ``window_extra_scales`` more key scales before the first kept
+one get a window of 1), the kernel block size (64 or 128) and CS4A's ``topk_fraction``. Other options come from
+the base config unchanged.
+
+* **Cost**: (query, key) pairs the plan's kernels compute over one image's self-attention (every scale and
+  layer), as a fraction of dense: whole active blocks for CSLA, the measured mean keys per query for CS4A,
+  0 for skipped scales, everything for dense ones. FLOPs are proportional (4 * head_dim per pair).
+* **Fidelity** of a (scale, layer): the head mean of the captured softmax mass (and, if the floor asks for it,
+  of the relative L2 error of the output vs dense, CS4A with its residual) of the plan's mode there, over the
+  sampled query rows; dense (scale, layer)s count as mass 1, error 0. The floor applies to the minimum over
+  the evaluated (scale, layer)s (``aggregate="min"``, default) or their mean.
+* Trials that miss the floor are infeasible (Optuna's constraint, so TPE learns the boundary). The search runs
+  on a subset of layers (``search_layers``) with cached dense probabilities; the best feasible candidates are
+  then **verified** with :func:`~sparvar_compiler.fidelity.evaluate.evaluate` on every layer of the data, and
+  the first that meets the floor is returned. If none does, the dense plan (``bound_layer = depth``,
+  ``cs4a: off``: mass 1, error 0) is returned and the result says so. The guarantee is on the data given
+  (the sampled rows of the captured layers and heads), nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from ..errors import SparvarError
+from ..planner.config import PlanConfig
+from ..planner.csla import csla_layout
+from ..planner.plan import Mode, Plan, plan_schedule
+from .evaluate import AttentionSource, EvalOptions, evaluate, sample_rows
+from .masks import cs4a_available, cs4a_plan
+from .modes import CS4A_VARIANTS
+from .metrics import logits64, masked_output, relative_l2, softmax64
+
+AGGREGATES = ("min", "mean")
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The fidelity a recommended plan must keep (``None`` disables a bound)."""
+
+    min_mass: float | None = 0.9
+    max_rel_error: float | None = None
+    aggregate: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.min_mass is None and self.max_rel_error is None:
+            raise SparvarError("a fidelity floor needs --min-mass and/or --max-error")
+        if self.min_mass is not None and not 0 < self.min_mass <= 1:
+            raise SparvarError(f"min_mass must be in (0, 1], got {self.min_mass}")
+        if self.max_rel_error is not None and not self.max_rel_error > 0:
+            raise SparvarError(f"max_rel_error must be positive, got {self.max_rel_error}")
+        if self.aggregate not in AGGREGATES:
+            raise SparvarError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+
+    def violation(self, mass: float, rel_error: float | None) -> float:
+        """How far the figures miss the floor (<= 0: met)."""
+        v = -math.inf
+        if self.min_mass is not None:
+            v = max(v, self.min_mass - mass)
+        if self.max_rel_error is not None:
+            v = max(v, (math.inf if rel_error is None else rel_error) - self.max_rel_error)
+        return v
+
+    def aggregate_values(self, values: list[float]) -> float:
+        return float(min(values) if self.aggregate == "min" else np.mean(values))
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_mass is not None:
+            parts.append(f"captured mass >= {self.min_mass}")
+        if self.max_rel_error is not None:
+            parts.append(f"relative L2 error <= {self.max_rel_error}")
+        how = "minimum over" if self.aggregate == "min" else "mean over"
+        return f"{' and '.join(parts)} ({how} the evaluated (scale, layer)s of the head mean)"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The values each knob may take."""
+
+    decision_scales: tuple[int, ...]
+    window_growth: tuple[int, ...] = (0, 1, 2, 3)
+    window_extra_scales: tuple[int, ...] = (0, 1, 2)
+    blocks: tuple[int, ...] = (64, 128)
+    topk_fractions: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4)
+
+    @classmethod
+    def default(cls, plan: Plan) -> "SearchSpace":
+        """Decision scales from the fifth-last to the second-last (S < n - 5 gives artefacts per SparVAR), never
+        below the sink scales."""
+        n, sinks = plan.num_scales, plan.config.sink_scales or 1
+        lo = max(sinks, n - 5, 1)
+        hi = n - 2 - plan.config.skip_last
+        return cls(tuple(range(lo, max(lo, hi) + 1)))
+
+
+def grown_windows(base: tuple[int, ...], sink_scales: int, growth: int, extra: int) -> tuple[int, ...]:
+    """``base`` with every kept window grown by ``2 * growth`` and ``extra`` more non-sink key scales (before
+    the first kept one) given a window of ``1 + 2 * growth``."""
+    w = [r + 2 * growth if r > 0 else r for r in base]
+    kept = [i for i, r in enumerate(base) if r > 0 and i >= sink_scales]
+    first = kept[0] if kept else len(base)
+    for i in range(first - 1, max(sink_scales, first - extra) - 1, -1):
+        w[i] = 1 + 2 * growth
+    return tuple(w)
+
+
+@dataclass
+class Candidate:
+    """One evaluated config: its cost, fidelity and whether it meets the floor."""
+
+    params: dict[str, Any]
+    config: PlanConfig
+    block: int
+    cost: float
+    mass: float
+    rel_error: float | None
+    feasible: bool
+    stage: str = "search"  # "search", "verify" or "fallback"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "block": self.block, "cost": self.cost, "mass": self.mass,
+                "rel_error": self.rel_error, "feasible": self.feasible, "stage": self.stage}
+
+
+@dataclass
+class CalibrationResult:
+    """The recommendation and how it was reached."""
+
+    model: str
+    config: PlanConfig
+    block: int
+    cost: float
+    mass: float
+    rel_error: float | None
+    floor: Floor
+    fallback: bool
+    candidates: list[Candidate]
+    search_layers: tuple[int, ...]
+    verify_layers: tuple[int, ...]
+    query_sample: int
+    source: dict[str, Any]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "sparvar-calibration", "model": self.model, "config": self.config.to_dict(),
+                "block": self.block, "cost": self.cost, "mass": self.mass, "rel_error": self.rel_error,
+                "floor": dataclasses.asdict(self.floor), "floor_text": self.floor.describe(),
+                "fallback": self.fallback, "search_layers": list(self.search_layers),
+                "verify_layers": list(self.verify_layers), "query_sample": self.query_sample,
+                "source": self.source, "seconds": round(self.seconds, 2), "notes": self.notes,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+    def yaml_text(self) -> str:
+        """The plan-config YAML (readable by :func:`sparvar_compiler.planner.config.load_config_file`)."""
+        synthetic = self.source.get("kind") == "synthetic"
+        data = "synthetic " + self.source["preset"]["name"] + " (a regime, not image quality)" if synthetic \
+            else f"captures {self.source.get('directory')}"
+        err = f", relative L2 error {self.rel_error:.4f}" if self.rel_error is not None else ""
+        head = [
+            f"# SparVAR plan config recommended by `sparvar-compile calibrate` for {self.model}",
+            f"# data: {data}; layers {_ranges(self.verify_layers)}, up to {self.query_sample or 'all'} query rows "
+            "per scale",
+            f"# floor: {self.floor.describe()}",
+            f"# achieved on that data: captured mass {self.mass:.4f}{err}",
+            f"# attention cost: {100 * self.cost:.1f}% of dense (query, key) pairs over every scale and layer",
+            f"# kernel block size: {self.block} (not a plan option: pass --block-sizes {self.block} to compile)",
+        ]
+        if self.fallback:
+            head.append("# NOTE: no sparse candidate met the floor; this is the dense plan")
+        body = yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None)
+        return "\n".join(head) + "\n" + body
+
+    def write_yaml(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.yaml_text())
+        return p
+
+
+class _SearchData:
+    """Dense float64 probabilities of the sampled rows of every (scale, layer) the search reads, and the
+    decision scales' q/k/v, computed once (memory: layers x heads x rows x sum of kv lengths x 8 bytes)."""
+
+    def __init__(self, source: AttentionSource, plan: Plan, layers: tuple[int, ...], scales: tuple[int, ...],
+                 decision_scales: tuple[int, ...], query_sample: int, seed: int, need_error: bool,
+                 progress: Callable[[str], None] | None) -> None:
+        self.source, self.plan, self.layers, self.scales = source, plan, layers, scales
+        self.need_error = need_error
+        self.rows = {s: sample_rows(plan.scales[s].tokens, query_sample, seed, s) for s in scales}
+        self.probs: dict[tuple[int, int], torch.Tensor] = {}
+        self.dense_out: dict[tuple[int, int], torch.Tensor] = {}
+        self.values: dict[tuple[int, int], torch.Tensor] = {}
+        self.decision: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        scale = source.softmax_scale
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            for s in scales:
+                q, k, v = source.qkv(s, layer)
+                qr = torch.from_numpy(np.ascontiguousarray(np.asarray(q)[:, :, self.rows[s]]))
+                P = softmax64(logits64(qr, torch.from_numpy(np.asarray(k)), scale))
+                self.probs[(s, layer)] = P
+                if need_error:
+                    V = torch.from_numpy(np.asarray(v)).double()
+                    self.values[(s, layer)] = V
+                    self.dense_out[(s, layer)] = P @ V
+            for S in decision_scales:
+                q, k, v = source.qkv(S, layer)
+                # Copies: a view would keep the whole layer's arrays alive.
+                self.decision[(S, layer)] = tuple(  # type: ignore[assignment]
+                    torch.from_numpy(np.array(a, copy=True)) for a in (q, k, v))
+            source.release(layer)
+            if progress:
+                progress(f"  search data: layer {layer} ({i + 1}/{len(layers)}) in {time.perf_counter() - t0:.1f} s")
+        self._csla: dict[tuple, tuple[float, float | None]] = {}
+        self._cs4a: dict[tuple, dict[int, tuple[float, float, float | None]]] = {}
+
+    # ------------------------------------------------------------------ fidelity of one (scale, layer)
+    def _figures(self, s: int, layer: int, mask: torch.Tensor, residual: torch.Tensor | None = None
+                 ) -> tuple[float, float | None]:
+        P = self.probs[(s, layer)]
+        kept = P * mask
+        mass = kept.sum(-1)  # [B, H, R]
+        head_mass = float(mass.mean(dim=(0, 2)).mean())
+        if not self.need_error:
+            return head_mass, None
+        # Restricting the softmax to the mask is renormalising the dense probabilities inside it.
+        out = (kept @ self.values[(s, layer)]) / mass.clamp_min(1e-300)[..., None]
+        out = torch.where(mass[..., None] > 0, out, torch.zeros_like(out))
+        if residual is not None:
+            out = out + residual
+        return head_mass, float(relative_l2(out, self.dense_out[(s, layer)]).mean())
+
+    def csla(self, plan: Plan, s: int, layer: int, block: int) -> tuple[float, float | None]:
+        cfg = plan.config
+        key = (s, layer, cfg.windows, cfg.sink_scales, block, cfg.token_exact)
+        if key not in self._csla:
+            layout = csla_layout(plan, s, block, block, token_masks=cfg.token_exact)
+            mask = torch.from_numpy(np.ascontiguousarray(layout.to_token_mask(exact=cfg.token_exact)[self.rows[s]]))
+            self._csla[key] = self._figures(s, layer, mask)
+        return self._csla[key]
+
+    def cs4a(self, plan: Plan, layer: int) -> dict[int, tuple[float, float, float | None]]:
+        """Per later scale: (head-mean mass, mean keys per query row over the whole scale, error or None)."""
+        from ..cs4a.select import cs4a_masks, decision_mask, upsample_residual
+
+        cfg = plan.config
+        name = next(n for n, mm in CS4A_VARIANTS.items() if mm == (cfg.cs4a, cfg.key_mapping))
+        key = (cfg.decision_scale, cfg.topk_fraction, name, layer)
+        if key in self._cs4a:
+            return self._cs4a[key]
+        mode, mapping = CS4A_VARIANTS[name]
+        cplan = cs4a_plan(plan, mode, mapping)
+        q, k, v = self.decision[(cfg.decision_scale, layer)]
+        scale = self.source.softmax_scale
+        masks = cs4a_masks(cplan, q, k, scale, mapping=mapping, mode=mode)
+        residual = None
+        if self.need_error and cfg.residual:
+            dec = decision_mask(cplan, q, k, scale, mapping=mapping, mode=mode)
+            L = logits64(q, k, scale)
+            residual = torch.matmul(softmax64(L), v.double()) - masked_output(L, v, dec)
+        out = {}
+        for s, m in masks.items():
+            if s not in self.scales:
+                continue
+            idx = torch.from_numpy(self.rows[s])
+            res = upsample_residual(residual, cplan, s).index_select(2, idx) if residual is not None else None
+            mass, err = self._figures(s, layer, m.index_select(2, idx), res)
+            keys = float(m.count_nonzero()) / (m.shape[0] * m.shape[1] * m.shape[2])
+            out[s] = (mass, keys, err)
+        self._cs4a[key] = out
+        return out
+
+
+def plan_cost(plan: Plan, block: int, cs4a_keys: dict[int, float]) -> float:
+    """Computed (query, key) pairs of one image's self-attention over dense (see the module docstring)."""
+    total = dense = 0.0
+    for sp in plan.scales:
+        full = float(sp.tokens * sp.kv_len)
+        dense += full * plan.depth
+        per_mode = {}
+        for m in set(sp.modes):
+            if m in (Mode.DENSE, Mode.DECISION):
+                per_mode[m] = full
+            elif m == Mode.SKIPPED:
+                per_mode[m] = 0.0
+            elif m == Mode.CSLA:
+                per_mode[m] = float(csla_layout(plan, sp.index, block, block).computed_pairs())
+            else:
+                per_mode[m] = cs4a_keys[sp.index] * sp.tokens
+        total += sum(per_mode[m] for m in sp.modes)
+    return total / dense
+
+
+def _even_subset(layers: tuple[int, ...], n: int) -> tuple[int, ...]:
+    if n <= 0 or len(layers) <= n:
+        return layers
+    idx = np.unique(np.round(np.linspace(0, len(layers) - 1, n)).astype(int))
+    return tuple(layers[i] for i in idx)
+
+
+def _model_shape(plan: Plan):
+    from .masks import _ModelShape
+
+    return _ModelShape(plan.model, plan.family, plan.depth, plan.heads, plan.head_dim)
+
+
+def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), trials: int = 40,
+              search_layers: int = 8, query_sample: int = 128, space: SearchSpace | None = None, seed: int = 0,
+              max_verify: int = 3, layers: tuple[int, ...] | None = None,
+              progress: Callable[[str], None] | None = print) -> CalibrationResult:
+    """Search for the cheapest plan config meeting ``floor`` on ``source`` (see the module docstring).
+
+    ``base_plan`` gives the model, schedule and every option not searched. ``search_layers`` caps the layers the
+    search reads (evenly spaced; 0 = all); verification reads all of them.
+    """
+    import optuna
+
+    t0 = time.perf_counter()
+    if not cs4a_available():
+        raise SparvarError("calibration needs sparvar_compiler.cs4a.select (the CS4A selection)")
+    space = space or SearchSpace.default(base_plan)
+    base = base_plan.config
+    n, depth = base_plan.num_scales, base_plan.depth
+    shape = _model_shape(base_plan)
+    schedule_grids = base_plan.grids
+    from ..planner.schedules import Schedule
+
+    schedule = Schedule(base_plan.resolution, base_plan.aspect, schedule_grids)
+    skipped = set(range(n - base.skip_last, n))
+    for S in space.decision_scales:
+        if not 1 <= S < n - 1 - base.skip_last:
+            raise SparvarError(f"decision scale {S} leaves no computed scale after it (scales 0..{n - 1}, "
+                               f"skip_last {base.skip_last})")
+    eval_scales = tuple(s for s in range(min(space.decision_scales), n) if s not in skipped)
+    all_layers = tuple(source.layers) if layers is None else tuple(layers)
+    missing = [layer for layer in all_layers if layer not in source.layers]
+    if missing:
+        raise SparvarError(f"layer {missing[0]} is not in the data (layers {list(source.layers)})")
+    layers = _even_subset(all_layers, search_layers)
+    if hasattr(source, "require"):
+        source.require(sorted(set(eval_scales) | set(space.decision_scales)), all_layers)  # type: ignore
+    need_error = floor.max_rel_error is not None
+    if progress:
+        progress(f"calibrate: {len(layers)} of {len(all_layers)} layers for the search, scales "
+                 f"{eval_scales[0]}..{eval_scales[-1]}, up to {query_sample or 'all'} query rows per scale")
+    data = _SearchData(source, base_plan, layers, eval_scales, space.decision_scales, query_sample, seed,
+                       need_error, progress)
+
+    def build(params: dict[str, Any]) -> tuple[PlanConfig, int]:
+        S = params["decision_scale"]
+        windows = grown_windows(tuple(base.windows), base.sink_scales, params["window_growth"],
+                                params["window_extra_scales"])
+        cfg = dataclasses.replace(base, decision_scale=S, bound_layer=params["bound_layer"], windows=windows,
+                                  topk_fraction=float(params["topk_fraction"]),
+                                  band_windows=base.band_windows if S == base.decision_scale else None)
+        return plan_schedule(shape, schedule, cfg).config, int(params["block"])  # type: ignore[arg-type]
+
+    def measure(cfg: PlanConfig, block: int) -> tuple[float, float, float | None]:
+        plan = plan_schedule(shape, schedule, cfg)  # type: ignore[arg-type]
+        S = cfg.decision_scale
+        masses, errors = [], []
+        uses_cs4a = any(Mode.CS4A in sp.modes for sp in plan.scales)
+        cs4a_keys: dict[int, list[float]] = {}
+        for layer in layers:
+            cs4a_here = None
+            for s in range(S, n):
+                if s in skipped:
+                    continue
+                mode = plan.scales[s].modes[layer]
+                if mode in (Mode.DENSE, Mode.DECISION):
+                    m, e = 1.0, 0.0
+                elif mode == Mode.CSLA:
+                    m, e = data.csla(plan, s, layer, block)
+                else:
+                    cs4a_here = cs4a_here or data.cs4a(plan, layer)
+                    m, _, e = cs4a_here[s]
+                masses.append(m)
+                errors.append(e if e is not None else 0.0)
+            if cs4a_here:
+                for s, (_, keys, _) in cs4a_here.items():
+                    cs4a_keys.setdefault(s, []).append(keys)
+        if uses_cs4a and not cs4a_keys:  # no search layer is below the bound: measure keys on the first one
+            for s, (_, keys, _) in data.cs4a(plan, layers[0]).items():
+                cs4a_keys[s] = [keys]
+        cost = plan_cost(plan, block, {s: float(np.mean(v)) for s, v in cs4a_keys.items()})
+        return cost, floor.aggregate_values(masses), (_error_aggregate(errors, floor) if need_error else None)
+
+    candidates: list[Candidate] = []
+
+    def objective(trial: "optuna.Trial") -> float:
+        params = {
+            "decision_scale": trial.suggest_categorical("decision_scale", list(space.decision_scales)),
+            "bound_layer": trial.suggest_int("bound_layer", 0, depth),
+            "window_growth": trial.suggest_categorical("window_growth", list(space.window_growth)),
+            "window_extra_scales": trial.suggest_categorical("window_extra_scales", list(space.window_extra_scales)),
+            "block": trial.suggest_categorical("block", list(space.blocks)),
+            "topk_fraction": trial.suggest_categorical("topk_fraction", list(space.topk_fractions)),
+        }
+        cfg, block = build(params)
+        cost, mass, err = measure(cfg, block)
+        viol = floor.violation(mass, err)
+        trial.set_user_attr("constraint", (viol,))
+        candidates.append(Candidate(params, cfg, block, cost, mass, err, viol <= 0))
+        if progress:
+            progress(f"  trial {trial.number:3d}: cost {100 * cost:5.1f}%  mass {mass:.4f}"
+                     + (f"  err {err:.4f}" if err is not None else "") + ("  ok" if viol <= 0 else "  below floor")
+                     + f"  {params}")
+        return cost
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: t.user_attrs["constraint"],
+                                         n_startup_trials=min(10, max(1, trials // 3)))
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    S0 = base.decision_scale if base.decision_scale in space.decision_scales else space.decision_scales[-1]
+    mid = {"window_growth": space.window_growth[0], "window_extra_scales": space.window_extra_scales[0],
+           "block": space.blocks[-1], "topk_fraction": min(space.topk_fractions, key=lambda x: abs(x - 0.2))}
+    # Seed the search with SparVAR's published shape and the two ends (all CSLA, all CS4A).
+    for bound in (base.bound_layer, 0, depth):
+        study.enqueue_trial({"decision_scale": S0, "bound_layer": bound, **mid})
+    study.optimize(objective, n_trials=trials)
+
+    # Verify the cheapest feasible candidates on every layer of the data.
+    verify_opts = dict(query_sample=query_sample, seed=seed, modes=("sparvar",), layers=all_layers)
+    seen: set[str] = set()
+    ranked = sorted((c for c in candidates if c.feasible), key=lambda c: c.cost)
+    notes = []
+    for cand in ranked:
+        key = f"{cand.config.to_dict()}-{cand.block}"
+        if key in seen:
+            continue
+        seen.add(key)
+        if len([c for c in candidates if c.stage == "verify"]) >= max_verify:
+            break
+        if progress:
+            progress(f"verify: cost {100 * cand.cost:.1f}% on all {len(all_layers)} layers: {cand.params}")
+        plan = plan_schedule(shape, schedule, cand.config)  # type: ignore[arg-type]
+        scales = tuple(s for s in range(cand.config.decision_scale, n) if s not in skipped)
+        ev = evaluate(source, plan, EvalOptions(block=cand.block, scales=scales, **verify_opts), progress=None)
+        mass, err = _verified_figures(ev, floor)
+        ok = floor.violation(mass, err if need_error else None) <= 0
+        candidates.append(Candidate(cand.params, cand.config, cand.block, cand.cost, mass, err, ok, "verify"))
+        if ok:
+            return CalibrationResult(base_plan.model, cand.config, cand.block, cand.cost, mass, err, floor, False,
+                                     candidates, layers, all_layers, query_sample, source.describe(),
+                                     time.perf_counter() - t0, notes)
+        notes.append(f"candidate {cand.params} met the floor on the search layers but not on all layers "
+                     f"(mass {mass:.4f}, error {err:.4f})")
+    dense_cfg = plan_schedule(shape, schedule,  # type: ignore[arg-type]
+                              dataclasses.replace(base, bound_layer=depth, cs4a="off")).config
+    notes.append("no sparse candidate met the floor on the data: recommending the dense plan")
+    cost = plan_cost(plan_schedule(shape, schedule, dense_cfg), space.blocks[-1], {})  # type: ignore[arg-type]
+    candidates.append(Candidate({"dense": True}, dense_cfg, space.blocks[-1], cost, 1.0, 0.0, True, "fallback"))
+    return CalibrationResult(base_plan.model, dense_cfg, space.blocks[-1], cost, 1.0, 0.0, floor, True, candidates,
+                             layers, all_layers, query_sample, source.describe(), time.perf_counter() - t0, notes)
+
+
+def _verified_figures(ev, floor: Floor) -> tuple[float, float]:
+    """Aggregate evaluate()'s "sparvar" records like the search: head mean per (scale, layer), then the floor's
+    aggregate (the error's worst case is its maximum)."""
+    by: dict[tuple[int, int], list] = {}
+    for r in ev.records:
+        if r.mode == "sparvar" and r.status == "ok":
+            by.setdefault((r.scale, r.layer), []).append(r)
+    masses = [float(np.mean([r.mass for r in rs])) for rs in by.values()]
+    errors = [float(np.mean([r.rel_l2 for r in rs])) for rs in by.values()]
+    return floor.aggregate_values(masses), _error_aggregate(errors, floor)
+
+
+def _error_aggregate(errors: list[float], floor: Floor) -> float:
+    """The error counterpart of the mass aggregate: the worst (largest) error, or the mean."""
+    return float(max(errors) if floor.aggregate == "min" else np.mean(errors))
+
+
+def _ranges(values) -> str:
+    from .captures import _ranges as r
+
+    return r(values)

@@ -1,0 +1,167 @@
+"""``sparvar-compile fidelity`` and ``sparvar-compile calibrate``.
+
+``fidelity --model M (--captures DIR | --synthetic PRESET)``: per scale and plan mode, captured softmax mass and
+output error vs dense; writes ``fidelity.json`` and ``fidelity.png`` (layers x scales heat maps).
+``calibrate --model M (--captures DIR | --synthetic PRESET)``: recommends the cheapest plan config meeting a
+fidelity floor on that data and writes it as plan-config YAML (``--plan-config`` of every other command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import SparvarError
+from .modes import ALL_MODES, DEFAULT_MODES
+
+SYNTHETIC_LAYERS = 8  # default layers evaluated from a synthetic model (evenly spaced, plus the bound layer)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    from .synthetic import PRESETS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captures", type=Path, metavar="DIR",
+                     help="q/k/v captured from the real model (captures.json + .safetensors/.npz files)")
+    src.add_argument("--synthetic", choices=sorted(PRESETS), metavar="PRESET",
+                     help=f"synthetic VAR-like regime ({', '.join(sorted(PRESETS))}); figures describe the regime, "
+                          "not image quality")
+    p.add_argument("--heads", type=int, default=2, help="synthetic: heads per layer (default 2)")
+    p.add_argument("--batch", type=int, default=1, help="synthetic: batch (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, row sampling and random layouts")
+    p.add_argument("--query-sample", type=int, help="at most this many query rows per scale (0 = all)")
+
+
+def _source(args: argparse.Namespace, plan, all_layers: bool):
+    from .captures import CaptureSet
+    from .synthetic import SyntheticSource
+
+    if args.captures is not None:
+        return CaptureSet.open(args.captures, args.model if not args.model.endswith(".yaml") else None)
+    src = SyntheticSource(args.model, args.synthetic, plan.resolution, plan.aspect, heads=args.heads,
+                          batch=args.batch, seed=args.seed, decision_scale=plan.config.decision_scale,
+                          sink_scales=plan.config.sink_scales)
+    if not all_layers:
+        src.layers = default_synthetic_layers(plan.depth, plan.config.bound_layer)
+    return src
+
+
+def default_synthetic_layers(depth: int, bound: int, count: int = SYNTHETIC_LAYERS) -> tuple[int, ...]:
+    """``count`` evenly spaced layers, plus the two layers around the bound layer (where regimes change)."""
+    import numpy as np
+
+    picks = set(np.round(np.linspace(0, depth - 1, count)).astype(int).tolist())
+    picks |= {b for b in (bound - 1, bound) if 0 <= b < depth}
+    return tuple(sorted(picks))
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from ..cli import _plan_from_args
+    from .evaluate import EvalOptions, evaluate
+    from .report import format_table, summarise, write_heatmap, write_json
+
+    plan = _plan_from_args(args)
+    source = _source(args, plan, all_layers=False)
+    if args.layers and args.synthetic:
+        source.layers = tuple(args.layers)  # type: ignore[misc]
+    layers = args.layers or source.layers
+    modes = tuple(args.modes.split(",")) if args.modes else DEFAULT_MODES
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        raise SparvarError(f"--modes: unknown mode {unknown[0]!r}; known: {', '.join(ALL_MODES)}")
+    options = EvalOptions(block=args.block, query_sample=512 if args.query_sample is None else args.query_sample,
+                          modes=modes, scales=args.scales, layers=tuple(layers), seed=args.seed)
+    name = args.synthetic or Path(args.captures).name
+    out = args.output or Path(f"fidelity-{plan.model}-{name}")
+    what = f"synthetic {args.synthetic}" if args.synthetic else f"captures {args.captures}"
+    print(f"fidelity: {plan.model} {plan.resolution} {plan.aspect}, {what}; layers {list(layers)}", file=sys.stderr)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    ev = evaluate(source, plan, options, progress=progress)
+    path = write_json(ev, out / "fidelity.json")
+    png = write_heatmap(ev, out / "fidelity.png")
+    print(format_table(summarise(ev), synthetic=args.synthetic is not None))
+    for note in ev.notes:
+        print(f"note: {note}")
+    print(f"\nwrote {path}" + (f" and {png}" if isinstance(png, Path) else f"; {png}")
+          + f" ({ev.seconds:.1f} s, rows per scale {ev.rows})")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..cli import _plan_from_args
+    from .calibrate import Floor, SearchSpace, calibrate
+
+    plan = _plan_from_args(args)
+    source = _source(args, plan, all_layers=True)
+    floor = Floor(args.min_mass, args.max_error, args.aggregate)
+    space = SearchSpace.default(plan)
+    if args.decision_scales or args.blocks or args.topk_fractions:
+        space = SearchSpace(args.decision_scales or space.decision_scales,
+                            blocks=args.blocks or space.blocks, topk_fractions=args.topk_fractions or space.topk_fractions)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    res = calibrate(source, plan, floor, trials=args.trials, search_layers=args.search_layers,
+                    query_sample=128 if args.query_sample is None else args.query_sample, space=space,
+                    seed=args.seed, max_verify=args.max_verify, layers=args.layers, progress=progress)
+    out = args.output or Path(f"calibrated-{plan.model}.yaml")
+    res.write_yaml(out)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+    print(res.yaml_text())
+    for note in res.notes:
+        print(f"note: {note}")
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else "") + f" in {res.seconds:.1f} s")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``fidelity`` and ``calibrate`` on the main parser's sub-commands."""
+    from ..cli import _add_plan_args
+
+    p = sub.add_parser("fidelity", help="captured attention mass and output error of every plan mode vs dense")
+    _add_plan_args(p)
+    _add_source_args(p)
+    p.add_argument("--layers", type=_int_list, help="layers to evaluate (default: captured ones; synthetic: "
+                                                    f"{SYNTHETIC_LAYERS} evenly spaced plus the bound)")
+    p.add_argument("--scales", type=_int_list, help="query scales (default: the decision scale to the last)")
+    p.add_argument("--block", type=int, default=128, choices=(64, 128), help="layout block side (default 128)")
+    p.add_argument("--modes", help=f"comma-separated modes (default {','.join(DEFAULT_MODES)}; all: "
+                                   f"{','.join(ALL_MODES)})")
+    p.add_argument("-o", "--output", type=Path, metavar="DIR", help="writes fidelity.json and fidelity.png here")
+    p.set_defaults(func=_cmd_fidelity)
+
+    p = sub.add_parser("calibrate", help="recommend the cheapest plan config meeting a fidelity floor (Optuna)")
+    _add_plan_args(p)
+    _add_source_args(p)
+    p.add_argument("--layers", type=_int_list, help="layers to use (default: all captured; synthetic: all)")
+    p.add_argument("--min-mass", type=float, default=0.9, help="captured-mass floor (default 0.9)")
+    p.add_argument("--max-error", type=float, help="relative L2 output error ceiling (off by default)")
+    p.add_argument("--aggregate", choices=("min", "mean"), default="min",
+                   help="floor on the worst (scale, layer) (default) or on the mean")
+    p.add_argument("--trials", type=int, default=40, help="Optuna trials (default 40)")
+    p.add_argument("--search-layers", type=int, default=8, help="layers the search reads (0 = all; verification "
+                                                                "reads all)")
+    p.add_argument("--max-verify", type=int, default=3, help="candidates verified on all layers before falling "
+                                                             "back to the dense plan")
+    p.add_argument("--decision-scales", type=_int_list, help="decision scales to search (default n-5..n-2)")
+    p.add_argument("--blocks", type=_int_list, help="block sizes to search (default 64,128)")
+    p.add_argument("--topk-fractions", type=_float_list, help="CS4A top-k fractions (default .1,.15,.2,.3,.4)")
+    p.add_argument("-o", "--output", type=Path, help="plan-config YAML (default calibrated-<model>.yaml)")
+    p.add_argument("--json", type=Path, help="also write every trial and the verification as JSON")
+    p.set_defaults(func=_cmd_calibrate)
