@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-host session: GPU tests, TVM bundle check, tuning, module end-to-end. Run from the repo root on the
 # GPU host with the wheels in .whl (optuna, sqlalchemy, ...) and, optionally, a TVM bundle in tvm_bundle/.
-# Usage: bash bench/gpu_session.sh STEP...   (steps: info tests tvm tune e2e kernels)
+# Usage: bash bench/gpu_session.sh STEP...   (steps: info tests tvm tune e2e cs4a kernels)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,12 +14,13 @@ for step in "$@"; do
   case $step in
     info) nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
           python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.backends.cudnn.version())" ;;
-    tests) timeout 100 python3 -m pytest -v -x -p no:cacheprovider -o faulthandler_timeout=70 tests/test_gpu_module.py 2>&1 | tail -60
+    tests) timeout ${TESTS_S:-240} python3 -m pytest -v -x -p no:cacheprovider -o faulthandler_timeout=200 tests/test_gpu_module.py 2>&1 | tail -60
            timeout 90 python3 -m pytest -v -p no:cacheprovider tests/test_cubin_launcher.py -k "probe_runs or graph_capturable or another_thread or device_limits or triton_cubin" 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" | tail -12 ;;
     tvm) [ -d tvm_bundle ] && timeout 100 python3 -X faulthandler -c "import faulthandler,sys,runpy; faulthandler.dump_traceback_later(80); sys.argv=['x','verify','tvm_bundle','--out','$OUT/tvm-verify.json']; runpy.run_module('sparvar_compiler.codegen.tvm_backend', run_name='__main__')" 2>&1 | tail -60 ;;
     tune) timeout ${TUNE_S:-300} python3 -m sparvar_compiler tune --model "${MODEL:-infinity-8b}" --gpu "$GPU" --trials "${TRIALS:-10}" \
             --block-sizes "${BLOCKS:-64,128}" --db "$OUT/tune.sqlite" 2>&1 | grep -v "^  \[" | tail -30 ;;
     e2e) timeout ${E2E_S:-240} python3 bench/module_e2e.py ${DB:+--db $DB} --out "$OUT/e2e-$GPU.json" 2>&1 | tail -30 ;;
+    cs4a) timeout ${CS4A_S:-400} python3 bench/cs4a.py ${DB:+--db $DB} --out "$OUT/cs4a-$GPU.json" 2>&1 | tail -60 ;;
     kernels) timeout ${KERNELS_S:-400} python3 bench/kernels.py ${KERNEL_ARGS:-} --out "$OUT/kernels-$GPU.json" 2>&1 | tail -45 ;;
   esac
 done
