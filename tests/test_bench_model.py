@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -158,6 +157,7 @@ def sparse_module(tmp_path_factory):
     return plan, rt.load(out, device="cpu")
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_sparse_backends_with_the_same_layouts_compute_the_same_attention(sparse_module):
     """Inside a real image: at every call the module (CPU fallback) and eager flex over the same layouts match an
     independent float64 block-sparse reference, where dense attention does not; the images agree too."""
@@ -189,9 +189,10 @@ def test_sparse_backends_with_the_same_layouts_compute_the_same_attention(sparse
         ref = model.generate(text, blockwise_reference)
         image = model.generate(text, ours)
         flex_image = model.generate(text, flex)
-    assert len(errors) == 3  # layer 1 of scales 4, 5, 6
+    assert len(errors) == 3  # layer 1 of scales 4, 5, 6 (scale 4's layout keeps every block at 32x32)
     for err_ours, err_flex, err_dense in errors:
         assert err_ours < 0.01 and err_flex < 0.01, errors
+    for err_ours, err_flex, err_dense in errors[1:]:
         assert err_dense > 10 * max(err_ours, err_flex), errors  # the layouts really drop keys
     assert torch.isfinite(image).all()
     assert rel(image, ref) < 0.02 and rel(flex_image, ref) < 0.02
