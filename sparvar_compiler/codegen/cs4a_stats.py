@@ -61,8 +61,17 @@ def _tiles(spec: StatsSpec, config: KernelConfig) -> tuple[int, int]:
     return int(config.get("block_m", 64)), int(config.get("block_n", 64))
 
 
-def grid(spec: StatsSpec) -> tuple[int, int, int]:
-    return (spec.groups, spec.batch * spec.heads, 1)
+def key_chunk(spec: StatsSpec, config: KernelConfig) -> int:
+    """Keys per program: the key tiles shared out over ``key_split`` programs."""
+    bn = _tiles(spec, config)[1]
+    tiles = -(-spec.kv_len // bn)
+    return -(-tiles // int(config.get("key_split", 1))) * bn
+
+
+def grid(spec: StatsSpec, config: KernelConfig) -> tuple[int, int, int]:
+    """``(groups, B*H, key programs)``: splitting the keys gives the GPU enough programs (a decision scale has
+    only 9 groups of 192 queries per head) without any reduction, since each program owns whole columns."""
+    return (spec.groups, spec.batch * spec.heads, -(-spec.kv_len // key_chunk(spec, config)))
 
 
 def validate_config(spec: StatsSpec, config: KernelConfig) -> None:
@@ -71,9 +80,11 @@ def validate_config(spec: StatsSpec, config: KernelConfig) -> None:
         raise KernelConfigError(f"dtype must be one of {tuple(DTYPES)}, got {spec.dtype!r}")
     if spec.head_dim not in (64, 128):
         raise KernelConfigError(f"head_dim must be 64 or 128, got {spec.head_dim}")
-    unknown = sorted(set(dict(config.extra)) - {"block_m", "block_n"})
+    unknown = sorted(set(dict(config.extra)) - {"block_m", "block_n", "key_split"})
     if unknown:
-        raise KernelConfigError(f"unknown statistics config keys {unknown}; known: block_m, block_n")
+        raise KernelConfigError(f"unknown statistics config keys {unknown}; known: block_m, block_n, key_split")
+    if not isinstance(config.get("key_split", 1), int) or config.get("key_split", 1) < 1:
+        raise KernelConfigError(f"key_split must be a positive integer, got {config.get('key_split')!r}")
     bm, bn = _tiles(spec, config)
     if bm not in tb.TILE_SIZES or bn not in tb.TILE_SIZES:
         raise KernelConfigError(f"block_m and block_n must be one of {tb.TILE_SIZES}, got {bm}, {bn}")
@@ -86,11 +97,10 @@ def validate_config(spec: StatsSpec, config: KernelConfig) -> None:
 
 
 def default_config(spec: StatsSpec) -> KernelConfig:
-    """64-row sub-tiles (a Hopper warpgroup MMA), 64-key tiles, 4 warps, 2 stages; smaller sub-tiles when the
-    group needs them."""
-    bm = next(t for t in (64, 32, 16) if spec.group % (t * spec.stride) == 0) \
-        if any(spec.group % (t * spec.stride) == 0 for t in (64, 32, 16)) else 16
-    return KernelConfig(4, 2, (("block_m", bm), ("block_n", 64)))
+    """The H100 sweep's best (bench/cs4a.py): 32-row sub-tiles (16 if the group needs them), 128-key tiles, the
+    keys split over 8 programs, 4 warps, 2 stages."""
+    bm = next((t for t in (32, 64, 16) if spec.group % (t * spec.stride) == 0), 16)
+    return KernelConfig(4, 2, (("block_m", bm), ("block_n", 128), ("key_split", 8)))
 
 
 def render_source(spec: StatsSpec, config: KernelConfig) -> str:
@@ -99,6 +109,7 @@ def render_source(spec: StatsSpec, config: KernelConfig) -> str:
     return render(TEMPLATE, kernel_name=kernel_name(spec), dtype=spec.dtype, batch=spec.batch, heads=spec.heads,
                   q_len=spec.q_len, kv_len=spec.kv_len, head_dim=spec.head_dim, group=spec.group,
                   groups=spec.groups, stride=spec.stride, block_m=bm, block_n=bn, split=spec.group // (bm * spec.stride),
+                  key_split=grid(spec, config)[2], key_chunk=key_chunk(spec, config),
                   num_warps=config.num_warps, num_stages=config.num_stages,
                   stride_note=f", every {spec.stride}-th counted and scaled by {spec.stride}" if spec.stride > 1 else "",
                   dot_precision="ieee" if spec.dtype == "fp32" else "tf32")
@@ -139,7 +150,7 @@ class StatsKernel:
         self.source = render_source(spec, config)
         self.path = tb._write_source(self.source)
         self._fn = getattr(tb._load_module(self.path, interpret), kernel_name(spec))
-        self.grid = grid(spec)
+        self.grid = grid(spec, config)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None = None,
                  mass: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,5 +183,5 @@ def build(spec: StatsSpec, config: KernelConfig | None = None, interpret: bool |
 def compile_for_target(spec: StatsSpec, config: KernelConfig, gpu: GpuSpec) -> CompiledKernel:
     """A cubin of the statistics kernel for ``gpu``, without needing that GPU (see
     :func:`sparvar_compiler.codegen.triton_backend.compile_for_target`)."""
-    return tb.compile_source(render_source(spec, config), kernel_name(spec), _signature(spec), config, grid(spec),
-                             spec.to_dict(), gpu)
+    return tb.compile_source(render_source(spec, config), kernel_name(spec), _signature(spec), config,
+                             grid(spec, config), spec.to_dict(), gpu)

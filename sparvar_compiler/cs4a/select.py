@@ -91,19 +91,59 @@ def dcsla_select(mass_blocks: torch.Tensor, coverage: float, min_blocks: int, ca
 
 
 def compact_rows(idx: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row, drop duplicates to the end and pad with the row's first index.
+    """Distinct values of each row, ascending, padded with the row's smallest.
 
     ``idx`` int ``[..., C]`` of valid indices ``< sentinel`` (duplicates allowed). Returns int32 ``num [...]``
-    and int32 ``[..., C]`` rows whose first ``num`` entries are distinct and ascending. Fixed shapes (two sorts,
-    no host sync).
+    and int32 ``[..., C]`` rows whose first ``num`` entries are distinct and ascending. Fixed shapes and no
+    sort: a presence bitmap over ``[0, sentinel)``, its running count gives each present value its slot.
     """
-    s = idx.sort(dim=-1).values
-    dup = torch.zeros_like(s, dtype=torch.bool)
-    dup[..., 1:] = s[..., 1:] == s[..., :-1]
-    s = torch.where(dup, torch.full_like(s, sentinel), s).sort(dim=-1).values
-    num = (~dup).sum(-1)
-    s = torch.where(s == sentinel, s[..., :1], s)
-    return num.to(torch.int32), s.to(torch.int32)
+    lead, C = idx.shape[:-1], idx.shape[-1]
+    present = torch.zeros(*lead, sentinel, dtype=torch.int32, device=idx.device)
+    present.scatter_(-1, idx.long(), 1)
+    slot = present.cumsum(-1, dtype=torch.int32) - 1
+    num = slot[..., -1] + 1
+    # Absent values go to a spill column C, dropped afterwards.
+    slot = torch.where(present.bool(), slot, C).long()
+    values = torch.arange(sentinel, dtype=torch.int32, device=idx.device).expand_as(present)
+    out = torch.zeros(*lead, C + 1, dtype=torch.int32, device=idx.device)
+    out.scatter_(-1, slot, values)
+    out = out[..., :C]
+    keep = torch.arange(C, device=idx.device) < num[..., None]
+    return num, torch.where(keep, out, out[..., :1]).contiguous()
+
+
+def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """float64 ``[n_out, n_in]``: 1-D linear interpolation with half-pixel centres and edge clamping (what
+    ``F.interpolate(mode="bilinear", align_corners=False)`` does along one axis)."""
+    a = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        lam = src - i0
+        a[i, i0] += 1.0 - lam
+        a[i, i1] += lam
+    return a
+
+
+_MATRICES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def upsample_add(out: torch.Tensor, residual: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]
+                 ) -> torch.Tensor:
+    """``out += upsample_grid(residual, src, dst)`` without the upsampled temporary's permutes: separable
+    bilinear as two batched matmuls (rows, then columns with the add fused through ``baddbmm``)."""
+    B, H, N, D = residual.shape
+    (h, w), (h2, w2) = src, dst
+    key = (h, w, h2, w2, residual.dtype, residual.device)
+    if key not in _MATRICES:
+        _MATRICES[key] = tuple(torch.from_numpy(interpolation_matrix(a, b)).to(residual.device, residual.dtype)
+                               for a, b in ((h, h2), (w, w2)))
+    a_h, a_w = _MATRICES[key]
+    rows = torch.matmul(a_h, residual.reshape(B * H, h, w * D))  # [BH, h2, w*D]
+    n = B * H * h2
+    out.view(n, w2, D).baddbmm_(a_w.expand(n, w2, w), rows.view(n, w, D))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -459,4 +499,4 @@ def tables_from_data(scalars: dict, arrays: dict[str, np.ndarray]) -> TokenTable
 __all__ = ["BlockTables", "TokenTables", "block_mass", "block_tables", "compact_rows", "cs4a_masks",
            "decision_mask", "dcsla_select", "group_mass", "group_mass_reference", "tables_mask", "token_tables",
            "topk_keys", "upsample_grid", "upsample_residual", "tables_to_data", "tables_from_data",
-           "example_selection", "fill_tables", "kernel_tables_mask"]
+           "example_selection", "fill_tables", "kernel_tables_mask", "interpolation_matrix", "upsample_add"]

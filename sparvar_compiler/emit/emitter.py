@@ -136,7 +136,7 @@ def _dispatch(plan: Plan, kernels: dict[int, str]) -> list[dict[str, Any]]:
                 op, kernel, note = "kernel", kernels[s.index], "csla"
             elif mode == Mode.CS4A:
                 op, kernel, note = "cs4a", None, f"cs4a {plan.config.cs4a}: tables from the decision scale"
-            elif mode == Mode.DECISION:
+            elif mode == Mode.DECISION and cs4a_scales(plan):
                 op, kernel, note = "cs4a_decision", None, "dense (cuDNN) + CS4A statistics and selection"
             else:
                 op, kernel, note = "sdpa", None, mode.value

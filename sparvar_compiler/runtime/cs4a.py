@@ -23,7 +23,7 @@ from ..codegen.artifact import CompiledKernel
 from ..codegen.reference import reference_attention
 from ..codegen.spec import KernelInputError
 from ..cs4a.select import (TokenTables, block_mass, dcsla_select, group_mass, tables_from_data, tables_mask,
-                           topk_keys, upsample_grid)
+                           topk_keys, upsample_add)
 from ..emit.manifest import ModuleError
 
 
@@ -157,7 +157,7 @@ class CS4ARuntime:
                                    f"call (scale {self.decision_scale}) first, in the same image")
         out = self.sparse(q, k, v, scale_index, sel, scale, out)
         if self.residual:
-            out += upsample_grid(self._residual[layer], self._grid[self.decision_scale], self._grid[scale_index])
+            upsample_add(out, self._residual[layer], self._grid[self.decision_scale], self._grid[scale_index])
         return out
 
     def reset(self) -> None:
