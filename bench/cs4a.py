@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.kernels import bench_ms, environment  # noqa: E402
-from sparvar_compiler.codegen import cs4a_stats  # noqa: E402
+from sparvar_compiler.codegen import cs4a_stats, cs4a_topk  # noqa: E402
 from sparvar_compiler.codegen import triton_backend as tb  # noqa: E402
 from sparvar_compiler.codegen.reference import reference_attention, relative_error  # noqa: E402
 from sparvar_compiler.codegen.spec import KernelConfig, KernelConfigError  # noqa: E402
 from sparvar_compiler.cs4a.select import (block_mass, block_tables, dcsla_select, fill_tables,  # noqa: E402
                                           group_mass_reference, kernel_tables_mask, token_tables, topk_keys,
-                                          upsample_grid)
+                                          upsample_add)
 from sparvar_compiler.emit.cs4a import dynamic_spec  # noqa: E402
 from sparvar_compiler.emit.emitter import DTYPE, choose_kernels  # noqa: E402
 from sparvar_compiler.planner import PlanConfig, make_plan  # noqa: E402
@@ -159,28 +159,31 @@ def main() -> None:
     for mode in ("token", "block"):
         sspec = stats[mode][0]
         rows = []
-        for stride in (1, 4):
+        for stride in (1, 2, 4):
             sp = cs4a_stats.StatsSpec(B, H, dec.tokens, dec.kv_len, D, "bf16", sspec.group, stride)
-            for bm in (64, 32):
-                for bn in (64, 128):
-                    for warps in (4, 8):
-                        for stages in (2,):
-                            c = KernelConfig(warps, stages, (("block_m", bm), ("block_n", bn)))
-                            try:
-                                kern = cs4a_stats.build(sp, c)
-                                kern(q, k, lse, 1.0)
-                                torch.cuda.synchronize()
-                            except Exception as e:  # noqa: BLE001 - a config that cannot run is skipped
-                                continue
-                            rows.append({"stride": stride, "config": c.to_dict(),
-                                         "ms": bench_ms(lambda kern=kern: kern(q, k, lse, 1.0), args.rep_ms)})
+            grid_ = [(bm, bn, ks, w) for bm in (32, 16) for bn in (128, 64) for ks in (4, 8, 16) for w in (4, 8)]
+            if stride > 1:
+                grid_ = [g for g in grid_ if g[1] == 128 and g[3] == 4]
+            for bm, bn, ks, warps in grid_:
+                c = KernelConfig(warps, 2, (("block_m", bm), ("block_n", bn), ("key_split", ks)))
+                try:
+                    kern = cs4a_stats.build(sp, c)
+                    kern(q, k, lse, 1.0)
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 - a config that cannot run (divisibility, resources) is skipped
+                    continue
+                rows.append({"stride": stride, "config": c.to_dict(),
+                             "ms": bench_ms(lambda kern=kern: kern(q, k, lse, 1.0), args.rep_ms)})
         best = {st: min((r for r in rows if r["stride"] == st), key=lambda r: r["ms"], default=None)
-                for st in (1, 4)}
+                for st in (1, 2, 4)}
         stat_rows[mode] = {"best_by_stride": best, "all": rows}
         say(f"stats {mode} best: " + ", ".join(f"stride {st}: {b['ms']:.4f} ms {b['config']}"
                                               for st, b in best.items() if b))
     mass_t, mass_b = stats["token"][2], stats["block"][2]
-    select_ms = {"token": bench_ms(lambda: topk_keys(mass_t, t_top), args.rep_ms),
+    topk_kern = cs4a_topk.build(cs4a_topk.TopkSpec(mass_t.numel() // mass_t.shape[-1], mass_t.shape[-1], t_top))
+    res["checks"]["topk_kernel_equals_torch_topk"] = bool(torch.equal(topk_kern(mass_t).long(), topk_keys(mass_t, t_top)))
+    select_ms = {"token_torch_topk_sort": bench_ms(lambda: topk_keys(mass_t, t_top), args.rep_ms),
+                 "token": bench_ms(lambda: topk_kern(mass_t), args.rep_ms),
                  "block": bench_ms(lambda: dcsla_select(block_mass(mass_b, cfg.dcsla_block), cfg.dcsla_coverage,
                                                         cfg.dcsla_min_blocks, bt_s.select_capacity), args.rep_ms)}
     say(f"selection ms {select_ms}")
@@ -233,7 +236,7 @@ def main() -> None:
             if sc > S:
                 res_s = torch.randn(B, H, dec.tokens, D, device="cuda", dtype=torch.bfloat16)
                 grids = ((dec.h, dec.w), (sp_.h, sp_.w))
-                entry["residual_add_ms"] = bench_ms(lambda: outs.add_(upsample_grid(res_s, *grids)), args.rep_ms)
+                entry["residual_add_ms"] = bench_ms(lambda: upsample_add(outs, res_s, *grids), args.rep_ms)
             row[mode] = entry
             say(f"scale {sc} {mode}: " + json.dumps({k_: v_ for k_, v_ in entry.items() if k_ != 'sweep'}))
         res["later" if sc > S else "decision"][str(sc)] = row
@@ -250,8 +253,9 @@ def main() -> None:
             "select_ms": select_ms[mode], "residual_sparse_ms": resid,
             "overhead_no_residual": (extra_lse + st1 + select_ms[mode]) / base,
             "overhead_with_residual": (extra_lse + st1 + select_ms[mode] + resid) / base,
-            "overhead_stride4_no_residual": (extra_lse + stat_rows[mode]["best_by_stride"][4]["ms"]
-                                             + select_ms[mode]) / base if stat_rows[mode]["best_by_stride"][4] else None,
+            **{f"overhead_stride{st}_no_residual": (extra_lse + stat_rows[mode]["best_by_stride"][st]["ms"]
+                                                    + select_ms[mode]) / base
+               for st in (2, 4) if stat_rows[mode]["best_by_stride"][st]},
         }
         for sc, row in res["later"].items():
             e = row[mode]

@@ -5,7 +5,7 @@ captured in one CUDA graph) for the module against cuDNN and FlashAttention-2 de
     PYTHONPATH=. python bench/module_e2e.py [--model infinity-8b] [--db tuning.sqlite] [--out e2e.json]
 
 Plans measured: ``sparvar`` (the default plan: CSLA at and above the bound layer from the decision scale on;
-layers below the bound are CS4A in the plan and run dense until the CS4A kernels exist) and ``static``
+layers below the bound run CS4A: dense plus statistics at the decision scale, dynamic kernels after it) and ``static``
 (``bound_layer: 0``: CSLA in every layer from the decision scale on).
 """
 

@@ -356,3 +356,29 @@ def test_module_refuses_tampered_cs4a_tables(cs4a_modules, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModuleError, match="cs4a"):
         rt.load(bad, device="cpu")
+
+
+def test_topk_kernel_matches_topk_and_breaks_ties_by_index():
+    from sparvar_compiler.codegen import cs4a_topk
+
+    kern = cs4a_topk.build(cs4a_topk.TopkSpec(2 * 3 * 4, 301, 37))
+    mass = torch.rand(2, 3, 4, 301)
+    assert torch.equal(kern(mass).long(), topk_keys(mass, 37))
+    ties = (torch.floor(torch.rand(2, 3, 4, 301) * 4) / 4).contiguous()  # four distinct values: many ties
+    got = kern(ties).view(24, 37)
+    for r, row in enumerate(ties.view(24, 301)):
+        t = row.sort(descending=True).values[36]
+        above = torch.nonzero(row > t).flatten()
+        want = torch.cat([above, torch.nonzero(row == t).flatten()[: 37 - len(above)]]).sort().values
+        assert torch.equal(got[r].long(), want), r
+    with pytest.raises(KernelInputError, match="float32"):
+        kern(mass.double())
+
+
+def test_upsample_add_equals_interpolate_plus_add():
+    from sparvar_compiler.cs4a.select import upsample_add
+
+    res = torch.randn(2, 3, 12 * 5, 16, dtype=torch.float64)
+    out = torch.randn(2, 3, 20 * 9, 16, dtype=torch.float64)
+    want = out + upsample_grid(res, (12, 5), (20, 9))
+    assert torch.allclose(upsample_add(out, res, (12, 5), (20, 9)), want)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..codegen import cs4a_stats
+from ..codegen import cs4a_stats, cs4a_topk
 from ..codegen import triton_backend as tb
 from ..codegen.spec import KernelConfig, KernelSpec
 from ..cs4a.select import BlockTables, TokenTables, block_tables, tables_to_data, token_tables
@@ -119,6 +119,16 @@ def emit_cs4a(plan: Plan, gpu: GpuSpec, tmp: Path, choices: list[CS4AKernelChoic
                   "spec": sspec.to_dict(), "config": sconfig.to_dict(), "tuned": False},
         "scales": {},
     }
+    if cfg.cs4a == "token":
+        # Top-k without a sort, one program per (batch, head, group) row of the statistics.
+        tspec = cs4a_topk.TopkSpec(spec0.batch * spec0.heads * sspec.groups, sspec.kv_len, choices[0].tables.topk)
+        tconfig = cs4a_topk.default_config(tspec)
+        tname = f"cs4a_topk_scale{cfg.decision_scale}"
+        progress(f"[cs4a] compiling {tname} for {gpu.name} ({gpu.arch})")
+        compiled = cs4a_topk.compile_for_target(tspec, tconfig, gpu)
+        (tmp / f"kernels/{tname}.cubin").write_bytes(compiled.binary)
+        section["topk"] = {"name": tname, "binary": f"kernels/{tname}.cubin", "meta": compiled.meta(),
+                           "spec": tspec.to_dict(), "config": tconfig.to_dict(), "tuned": False}
     for c in choices:
         kname = f"cs4a_scale{c.scale}_{c.spec.kind}"
         progress(f"[cs4a] compiling {kname} (capacity {c.spec.capacity}) for {gpu.name} "

@@ -103,11 +103,15 @@ def verify_module(directory: str | Path, gpu: str | None = None) -> dict[str, An
             if entry.get("op") == "cs4a" and str(entry.get("scale")) not in cs4a["scales"]:
                 raise ModuleError(f"dispatch runs CS4A at scale {entry.get('scale')} but the cs4a section has no "
                                   "kernel for it")
-        for kname, k in [("stats", cs4a["stats"]), *cs4a["scales"].items()]:
-            for key in ("binary", "meta", "spec", "config") + (("tables_file", "tables") if kname != "stats" else ()):
+        if cs4a.get("mode") == "token" and "topk" not in cs4a:
+            raise ModuleError("the cs4a section runs token top-k but has no 'topk' kernel")
+        helpers = [(n, cs4a[n]) for n in ("stats", "topk") if n in cs4a]
+        for kname, k in [*helpers, *cs4a["scales"].items()]:
+            with_tables = kname not in ("stats", "topk")
+            for key in ("binary", "meta", "spec", "config") + (("tables_file", "tables") if with_tables else ()):
                 if key not in k:
                     raise ModuleError(f"cs4a kernel {kname} has no '{key}'")
-            if k["binary"] not in files or (kname != "stats" and k["tables_file"] not in files):
+            if k["binary"] not in files or (with_tables and k["tables_file"] not in files):
                 raise ModuleError(f"cs4a kernel {kname} refers to a file that is not in the manifest")
     if gpu is not None and manifest["target"].get("name") != gpu:
         raise ModuleError(f"module was built for {manifest['target'].get('name')}, not {gpu}")

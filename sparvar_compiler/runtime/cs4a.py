@@ -1,8 +1,8 @@
 """CS4A at run time: what a module does for the layers below the bound layer.
 
 At the decision scale S (dispatch op ``cs4a_decision``) a layer runs dense attention with its log-sum-exp
-(cuDNN, else FlashAttention), the statistics kernel (softmax column mass per query group), the selection (token
-top-k or D-CSLA) and, with the residual on, the sparse attention of S itself to keep ``O_dense - O_sparse``.
+(cuDNN, else FlashAttention), the statistics kernel (softmax column mass per query group), the selection (the
+top-k kernel for tokens, torch ops for D-CSLA) and, with the residual on, the sparse attention of S itself to keep ``O_dense - O_sparse``.
 The selection and residual are kept per layer. At a later scale (op ``cs4a``) the layer fills its fixed-shape
 tables from that selection and runs the dynamic kernel, then adds the upsampled residual.
 
@@ -88,6 +88,7 @@ class CS4ARuntime:
             if not fallback:
                 self._kernels[scale] = _load(directory, entry, device)
         self._stats = None if fallback else _load(directory, section["stats"], device)
+        self._topk = None if fallback or "topk" not in section else _load(directory, section["topk"], device)
         dec = self._tables.get(self.decision_scale)
         if self.mode == "token":
             self.topk = int(next(iter(self._tables.values())).topk)
@@ -112,7 +113,11 @@ class CS4ARuntime:
     def select(self, mass: torch.Tensor):
         """The decision scale's selection: top-k key indices, or D-CSLA ``(blocks, count)``."""
         if self.mode == "token":
-            return topk_keys(mass, self.topk)
+            if self._topk is None:
+                return topk_keys(mass, self.topk)
+            out = torch.empty(*mass.shape[:-1], self.topk, dtype=torch.int32, device=mass.device)
+            self._topk.launch({"mass": mass, "out": out})
+            return out
         dec_block = self.group
         return dcsla_select(block_mass(mass, dec_block), self.coverage, self.min_blocks, self.select_capacity)
 
