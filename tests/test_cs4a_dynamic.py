@@ -122,11 +122,9 @@ def _want_token_keys(plan, scale, topk, mapping):
     cfg = plan.config
     S = cfg.decision_scale
     sets = {}
-    if scale == S:
-        dec = plan.scales[S]
-        bands = band_keys(dec.h, dec.w, dec.kv_offset, cfg.group_size, cfg.band_windows[0])
-        for b, h, g in np.ndindex(*topk.shape[:2], len(bands)):
-            sets[b, h, g] = set(topk[b, h, g].tolist()) | set(bands[g].tolist())
+    if scale == S:  # the residual's sparse output: the group's own top-k keys
+        for b, h, g in np.ndindex(*topk.shape[:3]):
+            sets[b, h, g] = set(topk[b, h, g].tolist())
         return sets
     st = cs4a_tables(plan, mapping).scale(scale)
     for b, h, g in np.ndindex(*topk.shape[:2], st.groups):
@@ -342,7 +340,8 @@ def test_module_refuses_tampered_cs4a_tables(cs4a_modules, tmp_path):
     _, d = cs4a_modules["token"]
     bad = tmp_path / "bad"
     shutil.copytree(d, bad)
-    entry = next(iter(json.loads((bad / "manifest.json").read_text())["cs4a"]["scales"].values()))
+    scales = json.loads((bad / "manifest.json").read_text())["cs4a"]["scales"]
+    entry = scales[str(max(int(s) for s in scales))]
     with np.load(bad / entry["tables_file"]) as z:
         arrays = {n: z[n] for n in z.files}
     arrays["static_keys"] = arrays["static_keys"] + 1

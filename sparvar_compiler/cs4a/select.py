@@ -208,7 +208,7 @@ class TokenTables(_OnDevice):
         idx = idx_out if idx_out is not None else torch.empty(B, H, G, cap, dtype=torch.int32, device=topk.device)
         idx[..., :kk] = sel
         idx[..., kk: kk + static.shape[1]] = static
-        idx[..., kk + static.shape[1]:] = static[:, -1:]
+        idx[..., kk + static.shape[1]:] = static[:, -1:] if static.shape[1] else sel[..., -1:]
         if self.dedup:
             num, compacted = compact_rows(idx.long(), self.kv_len)
             idx.copy_(compacted)
@@ -267,19 +267,21 @@ def _dap_sinks(plan: Plan, scale_index: int) -> int:
 
 
 def token_tables(plan: Plan, scale_index: int, mapping: str | None = None) -> TokenTables:
-    """The static token tables of ``scale_index``: the decision scale (its own top-k plus the band of the first
-    later scale's window, for the residual) or a later CS4A scale."""
+    """The static token tables of ``scale_index``: the decision scale (each group's own top-k only: the sparse
+    output the residual is taken against) or a later CS4A scale."""
     cfg = plan.config
     S, gs = cfg.decision_scale, cfg.group_size
     mapping = mapping or cfg.key_mapping
     sp, dec = plan.scales[scale_index], plan.scales[S]
     if scale_index == S:
-        bands = band_keys(dec.h, dec.w, dec.kv_offset, gs, cfg.band_windows[0] if cfg.band_windows else 7)
+        # The residual's sparse output: each group's own top-k keys and nothing else, so that the tables are a
+        # plain copy of the selection (no static part to merge, no duplicates to drop).
+        groups = -(-dec.tokens // gs)
         topk = min(round_to_tile(cfg.topk_fraction * dec.kv_len, cfg.key_tile), dec.kv_len)
-        static = bands
-        dgroup = np.arange(len(bands), dtype=np.int64)
+        static = [np.zeros(0, dtype=np.int64)] * groups
+        dgroup = np.arange(groups, dtype=np.int64)
         kmap = None
-        dedup = True  # the band lies inside the decision scale's own cache, where top-k keys are too
+        dedup = False
     else:
         tables = cs4a_tables(plan, mapping)
         if tables is None:
@@ -304,7 +306,7 @@ def token_tables(plan: Plan, scale_index: int, mapping: str | None = None) -> To
     keys = np.empty((len(static), width), dtype=np.int32)
     for g, s in enumerate(static):
         keys[g, : len(s)] = s
-        keys[g, len(s):] = s[-1]
+        keys[g, len(s):] = s[-1] if len(s) else 0
     cap = _ceil_div(topk + width, _TILE) * _TILE
     return TokenTables(scale_index, sp.tokens, sp.kv_len, gs, topk, dgroup, kmap, keys,
                        np.array([len(s) for s in static], dtype=np.int32), cap, dedup, dec.kv_len)
