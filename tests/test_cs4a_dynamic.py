@@ -381,3 +381,16 @@ def test_upsample_add_equals_interpolate_plus_add():
     out = torch.randn(2, 3, 20 * 9, 16, dtype=torch.float64)
     want = out + upsample_grid(res, (12, 5), (20, 9))
     assert torch.allclose(upsample_add(out, res, (12, 5), (20, 9)), want)
+
+
+def test_reused_token_buffers_hold_the_same_tables(rng):
+    plan = _plan()
+    S = plan.config.decision_scale
+    t = token_tables(plan, S + 2)
+    dec = plan.scales[S]
+    for _ in range(2):  # the second call writes only the selected columns into the kept buffers
+        mass = torch.from_numpy(rng.random((2, 2, -(-dec.tokens // 32), dec.kv_len)))
+        topk = topk_keys(mass, t.topk)
+        fresh = t.fill(topk)
+        reused = t.fill(topk, reuse=True)
+        assert torch.equal(fresh[0], reused[0]) and torch.equal(fresh[1], reused[1])

@@ -194,10 +194,14 @@ class TokenTables(_OnDevice):
     def key_map_or_empty(self) -> np.ndarray:
         return self.key_map if self.key_map is not None else np.zeros(0, dtype=np.int32)
 
-    def fill(self, topk: torch.Tensor, num_out: torch.Tensor | None = None, idx_out: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fill(self, topk: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables ``(num [B, H, G], idx [B, H, G, capacity])`` (int32) from the decision scale's selection
-        ``topk`` ``[B, H, G_S, topk]`` (int, sorted per row)."""
+        ``topk`` ``[B, H, G_S, topk]`` (int, sorted per row).
+
+        ``reuse=True`` (the runtime's hot path) writes into buffers kept per device and shape, whose static part
+        was written once: only the selected columns are written per call. The returned tensors are then
+        overwritten by the next call, so consume them first (stream order does it for kernel launches).
+        """
         t = self._tensors(topk.device)
         B, H = topk.shape[:2]
         G, cap, kk = self.groups, self.capacity, self.topk
@@ -205,18 +209,24 @@ class TokenTables(_OnDevice):
         if self.key_map is not None:
             sel = t["key_map_or_empty"].long()[sel.long()]
         static = t["static_keys"]
-        idx = idx_out if idx_out is not None else torch.empty(B, H, G, cap, dtype=torch.int32, device=topk.device)
+        key = ("buffers", str(topk.device), B, H)
+        if reuse and not self.dedup and key in self._cache:
+            num, idx = self._cache[key]
+            idx[..., :kk] = sel
+            if not static.shape[1]:
+                idx[..., kk:] = sel[..., -1:]
+            return num, idx
+        idx = torch.empty(B, H, G, cap, dtype=torch.int32, device=topk.device)
         idx[..., :kk] = sel
         idx[..., kk: kk + static.shape[1]] = static
         idx[..., kk + static.shape[1]:] = static[:, -1:] if static.shape[1] else sel[..., -1:]
         if self.dedup:
             num, compacted = compact_rows(idx.long(), self.kv_len)
-            idx.copy_(compacted)
-        else:
-            num = (t["static_len"] + kk).expand(B, H, G)
-        if num_out is not None:
-            return num_out.copy_(num), idx
-        return num.to(torch.int32).contiguous(), idx
+            return num, compacted
+        num = (t["static_len"] + kk).expand(B, H, G).to(torch.int32).contiguous()
+        if reuse:
+            self._cache[key] = (num, idx)
+        return num, idx
 
 
 @dataclass(frozen=True, eq=False)

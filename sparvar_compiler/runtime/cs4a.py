@@ -138,7 +138,7 @@ class CS4ARuntime:
         """The dynamic kernel of ``scale_index`` over the tables filled from ``sel``."""
         t = self._tables[scale_index]
         if isinstance(t, TokenTables):
-            num, idx = t.fill(sel)
+            num, idx = t.fill(sel, reuse=not self.fallback)
             names = ("key_num", "key_idx")
         else:
             num, idx = t.fill(*sel)
