@@ -37,8 +37,9 @@ from ..errors import SparvarError
 from ..planner.config import PlanConfig
 from ..planner.csla import csla_layout
 from ..planner.plan import Mode, Plan, plan_schedule
+from ..planner.schedules import Schedule
 from .evaluate import AttentionSource, EvalOptions, evaluate, sample_rows
-from .masks import cs4a_available, cs4a_plan
+from .masks import CS4ASelector, cs4a_available, cs4a_plan, model_shape, unit_sums
 from .modes import CS4A_VARIANTS
 from .metrics import logits64, masked_output, relative_l2, softmax64
 
@@ -226,60 +227,81 @@ class _SearchData:
                 progress(f"  search data: layer {layer} ({i + 1}/{len(layers)}) in {time.perf_counter() - t0:.1f} s")
         self._csla: dict[tuple, tuple[float, float | None]] = {}
         self._cs4a: dict[tuple, dict[int, tuple[float, float, float | None]]] = {}
+        self._selectors: dict[tuple[int, int], CS4ASelector] = {}
+        self._csla_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._sums: dict[tuple[int, int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ fidelity of one (scale, layer)
-    def _figures(self, s: int, layer: int, mask: torch.Tensor, residual: torch.Tensor | None = None
-                 ) -> tuple[float, float | None]:
+    def _unit_sums(self, s: int, layer: int, unit: int) -> torch.Tensor:
+        """Dense probabilities of the sampled rows summed per ``unit`` keys (cached): a block pattern's captured
+        mass is then a sum over its blocks instead of a pass over every key."""
+        key = (s, layer, unit)
+        if key not in self._sums:
+            self._sums[key] = unit_sums(self.probs[(s, layer)], unit)
+        return self._sums[key]
+
+    def _error(self, s: int, layer: int, mask: torch.Tensor, residual: torch.Tensor | None = None) -> float:
         P = self.probs[(s, layer)]
         kept = P * mask
-        mass = kept.sum(-1)  # [B, H, R]
-        head_mass = float(mass.mean(dim=(0, 2)).mean())
-        if not self.need_error:
-            return head_mass, None
+        mass = kept.sum(-1)
         # Restricting the softmax to the mask is renormalising the dense probabilities inside it.
         out = (kept @ self.values[(s, layer)]) / mass.clamp_min(1e-300)[..., None]
         out = torch.where(mass[..., None] > 0, out, torch.zeros_like(out))
         if residual is not None:
             out = out + residual
-        return head_mass, float(relative_l2(out, self.dense_out[(s, layer)]).mean())
+        return float(relative_l2(out, self.dense_out[(s, layer)]).mean())
 
     def csla(self, plan: Plan, s: int, layer: int, block: int) -> tuple[float, float | None]:
         cfg = plan.config
         key = (s, layer, cfg.windows, cfg.sink_scales, block, cfg.token_exact)
         if key not in self._csla:
-            layout = csla_layout(plan, s, block, block, token_masks=cfg.token_exact)
-            mask = torch.from_numpy(np.ascontiguousarray(layout.to_token_mask(exact=cfg.token_exact)[self.rows[s]]))
-            self._csla[key] = self._figures(s, layer, mask)
+            mkey = key[:1] + key[2:]  # the layout is the same in every layer
+            if mkey not in self._csla_masks:
+                layout = csla_layout(plan, s, block, block, token_masks=cfg.token_exact)
+                rows = self.rows[s]
+                active = torch.from_numpy(np.ascontiguousarray(layout.active()[rows // block]))
+                token = torch.from_numpy(np.ascontiguousarray(layout.to_token_mask(exact=cfg.token_exact)[rows])) \
+                    if cfg.token_exact or self.need_error else None
+                self._csla_masks[mkey] = (active, token)
+            active, token = self._csla_masks[mkey]
+            if cfg.token_exact:
+                mass = (self.probs[(s, layer)] * token).sum(-1)
+            else:
+                mass = (self._unit_sums(s, layer, block) * active).sum(-1)
+            err = self._error(s, layer, token) if self.need_error else None
+            self._csla[key] = (float(mass.mean(dim=(0, 2)).mean()), err)
         return self._csla[key]
 
     def cs4a(self, plan: Plan, layer: int) -> dict[int, tuple[float, float, float | None]]:
-        """Per later scale: (head-mean mass, mean keys per query row over the whole scale, error or None)."""
-        from ..cs4a.select import cs4a_masks, decision_mask, upsample_residual
+        """Per later scale: (head-mean mass, mean keys per query over the whole scale, error or None)."""
+        from ..cs4a.select import upsample_residual
 
         cfg = plan.config
         name = next(n for n, mm in CS4A_VARIANTS.items() if mm == (cfg.cs4a, cfg.key_mapping))
-        key = (cfg.decision_scale, cfg.topk_fraction, name, layer)
+        S = cfg.decision_scale
+        key = (S, cfg.topk_fraction, name, layer)
         if key in self._cs4a:
             return self._cs4a[key]
         mode, mapping = CS4A_VARIANTS[name]
         cplan = cs4a_plan(plan, mode, mapping)
-        q, k, v = self.decision[(cfg.decision_scale, layer)]
-        scale = self.source.softmax_scale
-        masks = cs4a_masks(cplan, q, k, scale, mapping=mapping, mode=mode)
+        q, k, v = self.decision[(S, layer)]
+        if (S, layer) not in self._selectors:
+            self._selectors[(S, layer)] = CS4ASelector(q, k, self.source.softmax_scale)
+        selector = self._selectors[(S, layer)]
         residual = None
         if self.need_error and cfg.residual:
-            dec = decision_mask(cplan, q, k, scale, mapping=mapping, mode=mode)
-            L = logits64(q, k, scale)
-            residual = torch.matmul(softmax64(L), v.double()) - masked_output(L, v, dec)
+            L = logits64(q, k, self.source.softmax_scale)
+            residual = torch.matmul(softmax64(L), v.double()) - masked_output(L, v, selector.decision_mask(cplan, mode))
         out = {}
-        for s, m in masks.items():
-            if s not in self.scales:
-                continue
-            idx = torch.from_numpy(self.rows[s])
-            res = upsample_residual(residual, cplan, s).index_select(2, idx) if residual is not None else None
-            mass, err = self._figures(s, layer, m.index_select(2, idx), res)
-            keys = float(m.count_nonzero()) / (m.shape[0] * m.shape[1] * m.shape[2])
-            out[s] = (mass, keys, err)
+        rows = {s: self.rows[s] for s in self.scales if s > S}
+        for s, pat in selector.patterns(cplan, mode, mapping, rows).items():
+            mass = float(pat.mass(self._unit_sums(s, layer, pat.unit)).mean(dim=(0, 2)).mean())
+            err = None
+            if self.need_error:
+                idx = torch.from_numpy(self.rows[s])
+                res = upsample_residual(residual, cplan, s).index_select(2, idx) if residual is not None else None
+                err = self._error(s, layer, pat.mask(), res)
+            out[s] = (mass, pat.keys_per_query, err)
         self._cs4a[key] = out
         return out
 
@@ -311,14 +333,8 @@ def _even_subset(layers: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(layers[i] for i in idx)
 
 
-def _model_shape(plan: Plan):
-    from .masks import _ModelShape
-
-    return _ModelShape(plan.model, plan.family, plan.depth, plan.heads, plan.head_dim)
-
-
 def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), trials: int = 40,
-              search_layers: int = 8, query_sample: int = 128, space: SearchSpace | None = None, seed: int = 0,
+              search_layers: int = 0, query_sample: int = 128, space: SearchSpace | None = None, seed: int = 0,
               max_verify: int = 3, layers: tuple[int, ...] | None = None,
               progress: Callable[[str], None] | None = print) -> CalibrationResult:
     """Search for the cheapest plan config meeting ``floor`` on ``source`` (see the module docstring).
@@ -334,11 +350,8 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
     space = space or SearchSpace.default(base_plan)
     base = base_plan.config
     n, depth = base_plan.num_scales, base_plan.depth
-    shape = _model_shape(base_plan)
-    schedule_grids = base_plan.grids
-    from ..planner.schedules import Schedule
-
-    schedule = Schedule(base_plan.resolution, base_plan.aspect, schedule_grids)
+    shape = model_shape(base_plan)
+    schedule = Schedule(base_plan.resolution, base_plan.aspect, base_plan.grids)
     skipped = set(range(n - base.skip_last, n))
     for S in space.decision_scales:
         if not 1 <= S < n - 1 - base.skip_last:
@@ -412,7 +425,10 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
         cfg, block = build(params)
         cost, mass, err = measure(cfg, block)
         viol = floor.violation(mass, err)
-        trial.set_user_attr("constraint", (viol,))
+        if new_constraints:
+            trial.set_constraint("fidelity_floor", viol)  # <= 0: feasible
+        else:
+            trial.set_user_attr("constraint", (viol,))
         candidates.append(Candidate(params, cfg, block, cost, mass, err, viol <= 0))
         if progress:
             progress(f"  trial {trial.number:3d}: cost {100 * cost:5.1f}%  mass {mass:.4f}"
@@ -421,8 +437,10 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
         return cost
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=lambda t: t.user_attrs["constraint"],
-                                         n_startup_trials=min(10, max(1, trials // 3)))
+    # Optuna 5 reads constraints set on the trial; 4.x takes a constraints_func (deprecated in 5).
+    new_constraints = hasattr(optuna.trial.Trial, "set_constraint")
+    extra = {} if new_constraints else {"constraints_func": lambda t: t.user_attrs["constraint"]}
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, trials // 3)), **extra)
     study = optuna.create_study(direction="minimize", sampler=sampler)
     S0 = base.decision_scale if base.decision_scale in space.decision_scales else space.decision_scales[-1]
     mid = {"window_growth": space.window_growth[0], "window_extra_scales": space.window_extra_scales[0],
@@ -448,7 +466,8 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
             progress(f"verify: cost {100 * cand.cost:.1f}% on all {len(all_layers)} layers: {cand.params}")
         plan = plan_schedule(shape, schedule, cand.config)  # type: ignore[arg-type]
         scales = tuple(s for s in range(cand.config.decision_scale, n) if s not in skipped)
-        ev = evaluate(source, plan, EvalOptions(block=cand.block, scales=scales, **verify_opts), progress=None)
+        ev = evaluate(source, plan, EvalOptions(block=cand.block, scales=scales, errors=need_error, **verify_opts),
+                      progress=None)
         mass, err = _verified_figures(ev, floor)
         ok = floor.violation(mass, err if need_error else None) <= 0
         candidates.append(Candidate(cand.params, cand.config, cand.block, cand.cost, mass, err, ok, "verify"))
@@ -456,8 +475,8 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
             return CalibrationResult(base_plan.model, cand.config, cand.block, cand.cost, mass, err, floor, False,
                                      candidates, layers, all_layers, query_sample, source.describe(),
                                      time.perf_counter() - t0, notes)
-        notes.append(f"candidate {cand.params} met the floor on the search layers but not on all layers "
-                     f"(mass {mass:.4f}, error {err:.4f})")
+        notes.append(f"candidate {cand.params} met the floor in the search but not in verification "
+                     f"(mass {mass:.4f}" + (f", error {err:.4f})" if err is not None else ")"))
     dense_cfg = plan_schedule(shape, schedule,  # type: ignore[arg-type]
                               dataclasses.replace(base, bound_layer=depth, cs4a="off")).config
     notes.append("no sparse candidate met the floor on the data: recommending the dense plan")
@@ -467,7 +486,7 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
                              layers, all_layers, query_sample, source.describe(), time.perf_counter() - t0, notes)
 
 
-def _verified_figures(ev, floor: Floor) -> tuple[float, float]:
+def _verified_figures(ev, floor: Floor) -> tuple[float, float | None]:
     """Aggregate evaluate()'s "sparvar" records like the search: head mean per (scale, layer), then the floor's
     aggregate (the error's worst case is its maximum)."""
     by: dict[tuple[int, int], list] = {}
@@ -475,8 +494,8 @@ def _verified_figures(ev, floor: Floor) -> tuple[float, float]:
         if r.mode == "sparvar" and r.status == "ok":
             by.setdefault((r.scale, r.layer), []).append(r)
     masses = [float(np.mean([r.mass for r in rs])) for rs in by.values()]
-    errors = [float(np.mean([r.rel_l2 for r in rs])) for rs in by.values()]
-    return floor.aggregate_values(masses), _error_aggregate(errors, floor)
+    errors = [float(np.mean([r.rel_l2 for r in rs])) for rs in by.values() if rs[0].rel_l2 is not None]
+    return floor.aggregate_values(masses), (_error_aggregate(errors, floor) if errors else None)
 
 
 def _error_aggregate(errors: list[float], floor: Floor) -> float:
@@ -485,6 +504,6 @@ def _error_aggregate(errors: list[float], floor: Floor) -> float:
 
 
 def _ranges(values) -> str:
-    from .captures import _ranges as r
+    from .captures import _ranges as ranges
 
-    return r(values)
+    return ranges(values)

@@ -53,7 +53,9 @@ def _source(args: argparse.Namespace, plan, all_layers: bool):
     from .synthetic import SyntheticSource
 
     if args.captures is not None:
-        return CaptureSet.open(args.captures, args.model if not args.model.endswith(".yaml") else None)
+        from ..planner.models import get_model
+
+        return CaptureSet.open(args.captures, get_model(args.model))
     src = SyntheticSource(args.model, args.synthetic, plan.resolution, plan.aspect, heads=args.heads,
                           batch=args.batch, seed=args.seed, decision_scale=plan.config.decision_scale,
                           sink_scales=plan.config.sink_scales)
@@ -155,8 +157,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregate", choices=("min", "mean"), default="min",
                    help="floor on the worst (scale, layer) (default) or on the mean")
     p.add_argument("--trials", type=int, default=40, help="Optuna trials (default 40)")
-    p.add_argument("--search-layers", type=int, default=8, help="layers the search reads (0 = all; verification "
-                                                                "reads all)")
+    p.add_argument("--search-layers", type=int, default=0, help="at most this many (evenly spaced) layers for the "
+                                                                "search (default 0 = all); verification reads all")
     p.add_argument("--max-verify", type=int, default=3, help="candidates verified on all layers before falling "
                                                              "back to the dense plan")
     p.add_argument("--decision-scales", type=_int_list, help="decision scales to search (default n-5..n-2)")

@@ -24,7 +24,7 @@ from ..planner.schedules import Schedule
 from .masks import (ModeMask, cs4a_available, cs4a_layer_masks, cs4a_plan, csla_masks, random_block_mask,
                     random_token_mask)
 from .modes import ALL_MODES, CS4A_VARIANTS, DEFAULT_MODES  # noqa: F401 - re-exported
-from .metrics import cosine_similarity, logits64, masked_output, relative_l2, softmax64, sparse_attention
+from .metrics import captured_mass, cosine_similarity, logits64, masked_output, relative_l2, softmax64, sparse_attention
 
 
 
@@ -48,7 +48,8 @@ class EvalOptions:
 
     ``query_sample``: at most this many query rows per scale (seeded, the same rows for every layer and mode;
     0 = all rows). ``scales``: query scales (default: the decision scale to the last). ``layers``: default all
-    the source has. ``block``: layout block side for the CSLA and random modes.
+    the source has. ``block``: layout block side for the CSLA and random modes. ``errors``: also compute the
+    outputs' errors (False: captured mass only, cheaper).
     """
 
     block: int = 128
@@ -57,6 +58,7 @@ class EvalOptions:
     scales: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     seed: int = 0
+    errors: bool = True
 
 
 @dataclass
@@ -108,9 +110,11 @@ class _Dense:
     v: torch.Tensor
 
 
-def _dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> _Dense:
+def _dense(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, outputs: bool = True) -> _Dense:
     L = logits64(torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)), scale)
     P = softmax64(L)
+    if not outputs:
+        return _Dense(L, P, None, None)  # type: ignore[arg-type]
     V = torch.from_numpy(np.asarray(v)).double()
     return _Dense(L, P, torch.matmul(P, V), V)
 
@@ -145,15 +149,11 @@ def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOpt
         source.require(sorted(set(scales) | {S}), layers)  # type: ignore[attr-defined]
     ev = Evaluation(plan, options, source.describe())
     modes = list(options.modes)
-    want_cs4a = {m for m in modes if m in CS4A_VARIANTS}
-    if "random_cs4a" in modes:
-        want_cs4a.add("cs4a_token")
-    if "sparvar" in modes and any(Mode.CS4A in plan.scales[s].modes for s in scales):
-        want_cs4a.add(_plan_cs4a_mode(plan))
-    if want_cs4a and not cs4a_available():
-        ev.notes.append("CS4A modes skipped: sparvar_compiler.cs4a.select is not available")
+    needs_cs4a = any(m in CS4A_VARIANTS or m == "random_cs4a" for m in modes) or (
+        "sparvar" in modes and any(Mode.CS4A in plan.scales[s].modes for s in scales))
+    if needs_cs4a and not cs4a_available():
+        ev.notes.append("CS4A figures skipped: sparvar_compiler.cs4a.select is not available")
         modes = [m for m in modes if m not in CS4A_VARIANTS and m != "random_cs4a"]
-        want_cs4a = set()
     static: dict[int, dict[str, ModeMask]] = {}
     row_sel = {s: sample_rows(plan.scales[s].tokens, options.query_sample, options.seed, s) for s in scales}
     ev.rows = {s: int(len(r)) for s, r in row_sel.items()}
@@ -162,16 +162,15 @@ def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOpt
     for li, layer in enumerate(layers):
         tl = time.perf_counter()
         regime = source.regime(layer)
-        cs4a_state = _LayerCS4A(source, plan, layer)
+        cs4a_state = _LayerCS4A(source, plan, layer, options.errors)
         prev_out = None
-        if skipped:
+        if skipped and options.errors:
             q, k, v = source.qkv(last_computed, layer)
             prev_out = _dense(q, k, v, source.softmax_scale).out
         for s in scales:
             rows = row_sel[s]
-            sp = plan.scales[s]
             q, k, v = source.qkv(s, layer)
-            dense = _dense(np.asarray(q)[:, :, rows], k, v, source.softmax_scale)
+            dense = _dense(np.asarray(q)[:, :, rows], k, v, source.softmax_scale, options.errors)
             if s in skipped:
                 _skip_records(ev, plan, s, layer, regime, rows, dense, prev_out, last_computed)
                 continue
@@ -205,35 +204,36 @@ def _static_masks(plan: Plan, s: int, options: EvalOptions, modes: list[str]) ->
 class _LayerCS4A(dict):
     """Per CS4A variant of one layer, computed on first use: ``(plan, masks by scale, decision residual)``."""
 
-    def __init__(self, source: AttentionSource, plan: Plan, layer: int) -> None:
+    def __init__(self, source: AttentionSource, plan: Plan, layer: int, errors: bool = True) -> None:
         super().__init__()
-        self.source, self.plan, self.layer = source, plan, layer
+        self.source, self.plan, self.layer, self.errors = source, plan, layer, errors
         self._dec: tuple[torch.Tensor, torch.Tensor, _Dense] | None = None
 
     def __missing__(self, name: str):
         if self._dec is None:
             q, k, v = self.source.qkv(self.plan.config.decision_scale, self.layer)
             self._dec = (torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)),
-                         _dense(q, k, v, self.source.softmax_scale))
+                         _dense(q, k, v, self.source.softmax_scale) if self.errors else None)
         qt, kt, dense = self._dec
         mode, mapping = CS4A_VARIANTS[name]
         cplan = cs4a_plan(self.plan, mode, mapping)
-        masks, dec = cs4a_layer_masks(cplan, qt, kt, self.source.softmax_scale, mode, mapping)
-        residual = dense.out - masked_output(dense.logits, dense.v, dec)
+        masks, dec = cs4a_layer_masks(cplan, qt, kt, self.source.softmax_scale, mode, mapping, self.errors)
+        residual = dense.out - masked_output(dense.logits, dense.v, dec) if dec is not None else None
         self[name] = (cplan, masks, residual)
         return self[name]
 
 
 def _add(ev: Evaluation, s: int, layer: int, regime: str, mode: str, mass, out, dense: _Dense, density: float,
          no_residual=None, plan_mode: str | None = None) -> None:
-    rel = relative_l2(out, dense.out)
-    cos = cosine_similarity(out, dense.out)
-    rel0 = relative_l2(no_residual, dense.out) if no_residual is not None else None
-    for h in range(rel.shape[0]):
+    heads = mass.shape[1]
+    rel = relative_l2(out, dense.out) if out is not None else None
+    cos = cosine_similarity(out, dense.out) if out is not None else None
+    rel0 = relative_l2(no_residual, dense.out) if no_residual is not None and out is not None else None
+    for h in range(heads):
         ev.records.append(Record(
             s, layer, h, mode, regime, mass=float(mass[:, h].mean()), mass_min=float(mass[:, h].min()),
-            rel_l2=float(rel[h]), cosine=float(cos[h]), density=density,
-            rel_l2_no_residual=None if rel0 is None else float(rel0[h]), plan_mode=plan_mode))
+            rel_l2=None if rel is None else float(rel[h]), cosine=None if cos is None else float(cos[h]),
+            density=density, rel_l2_no_residual=None if rel0 is None else float(rel0[h]), plan_mode=plan_mode))
 
 
 def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, mode: str, rows: np.ndarray,
@@ -260,7 +260,7 @@ def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, m
     if mode_eff in static:
         mm = static[mode_eff]
         mask = torch.from_numpy(np.ascontiguousarray(np.asarray(mm.mask)[rows]))
-        mass, out = sparse_attention(dense.probs, dense.logits, dense.v, mask)
+        mass, out = _sparse(dense, mask)
         _add(ev, s, layer, regime, mode, mass, out, dense, mm.density(sp.tokens, sp.kv_len), plan_mode=plan_mode)
         return
     if mode_eff in CS4A_VARIANTS or mode_eff == "random_cs4a":
@@ -273,19 +273,26 @@ def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, m
         mask = full_mask.index_select(2, idx)
         if mode_eff == "random_cs4a":
             rnd = random_token_mask(mask.sum(-1, dtype=torch.int64), sp.kv_len, options.seed + 1000 * s + layer)
-            mass, out = sparse_attention(dense.probs, dense.logits, dense.v, rnd.mask)
+            mass, out = _sparse(dense, rnd.mask)
             _add(ev, s, layer, regime, mode, mass, out, dense,
                  float(full_mask.count_nonzero()) / (full_mask.shape[0] * full_mask.shape[1] * full), plan_mode=plan_mode)
             return
         from ..cs4a.select import upsample_residual
 
-        mass, out0 = sparse_attention(dense.probs, dense.logits, dense.v, mask)
+        mass, out0 = _sparse(dense, mask)
         out = out0
-        if plan.config.residual:
+        if plan.config.residual and out0 is not None:
             out = out0 + upsample_residual(residual, cplan, s).index_select(2, idx)
         density = float(full_mask.count_nonzero()) / (full_mask.shape[0] * full_mask.shape[1] * full)
         _add(ev, s, layer, regime, mode, mass, out, dense, density,
              no_residual=out0 if plan.config.residual else None, plan_mode=plan_mode)
+
+
+def _sparse(dense: _Dense, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(captured mass, sparse output)``; the output is None when the evaluation skips errors."""
+    if dense.v is None:
+        return captured_mass(dense.probs, mask), None
+    return sparse_attention(dense.probs, dense.logits, dense.v, mask)
 
 
 def _skip_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, rows: np.ndarray, dense: _Dense,
@@ -293,7 +300,7 @@ def _skip_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, r
     from ..cs4a.select import upsample_grid
 
     ev.records.append(Record(s, layer, -1, "sparvar", regime, status="skipped", plan_mode="skipped"))
-    if prev_out is None or prev_scale is None:
+    if prev_out is None or prev_scale is None or dense.out is None:
         return
     src, dst = plan.scales[prev_scale], plan.scales[s]
     up = upsample_grid(prev_out, (src.h, src.w), (dst.h, dst.w)).index_select(2, torch.from_numpy(rows))

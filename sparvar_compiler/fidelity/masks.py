@@ -19,6 +19,7 @@ which masks inside the blocks it computes), the kept pairs for gather and token 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,9 +31,9 @@ from ..codegen.spec import KernelSpec
 from ..codegen.triton_backend import kernel_mask
 from ..planner.csla import csla_layout
 from ..planner.layout import BlockLayout
-from ..planner.plan import Plan, plan_schedule
+from ..planner.plan import Mode, Plan, plan_schedule
 from ..planner.schedules import Schedule
-from .modes import CS4A_VARIANTS, CSLA_MODES  # noqa: F401 - re-exported
+
 
 @dataclass(frozen=True)
 class ModeMask:
@@ -101,12 +102,17 @@ class _ModelShape:
     head_dim: int
 
 
+def model_shape(plan: Plan) -> _ModelShape:
+    """What :func:`~sparvar_compiler.planner.plan.plan_schedule` needs of a model, from one of its plans."""
+    return _ModelShape(plan.model, plan.family, plan.depth, plan.heads, plan.head_dim)
+
+
 @lru_cache(maxsize=16)
 def _cs4a_plan_cached(plan_json: str, mode: str, mapping: str) -> Plan:
     plan = Plan.from_dict(json.loads(plan_json))
     cfg = dataclasses.replace(plan.config, bound_layer=plan.depth, cs4a=mode, key_mapping=mapping)
-    shape = _ModelShape(plan.model, plan.family, plan.depth, plan.heads, plan.head_dim)
-    return plan_schedule(shape, Schedule(plan.resolution, plan.aspect, plan.grids), cfg)  # type: ignore[arg-type]
+    return plan_schedule(model_shape(plan), Schedule(plan.resolution, plan.aspect, plan.grids),  # type: ignore
+                         cfg)
 
 
 def cs4a_plan(plan: Plan, mode: str, mapping: str) -> Plan:
@@ -119,20 +125,175 @@ def cs4a_plan(plan: Plan, mode: str, mapping: str) -> Plan:
 def cs4a_available() -> bool:
     """True if :mod:`sparvar_compiler.cs4a.select` (the dynamic CS4A selection) can be imported."""
     try:
-        from ..cs4a import select  # noqa: F401
+        importlib.import_module("sparvar_compiler.cs4a.select")
     except ImportError:
         return False
     return True
 
 
 def cs4a_layer_masks(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, softmax_scale: float, mode: str,
-                     mapping: str) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """CS4A masks of one layer: ``({scale: [B, H, tokens, kv_len]}, decision mask [B, H, tokens_S, kv_len_S])``.
+                     mapping: str, with_decision: bool = True
+                     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """CS4A masks of one layer from :mod:`sparvar_compiler.cs4a.select`: ``({scale: [B, H, tokens, kv_len]},
+    decision mask [B, H, tokens_S, kv_len_S] or None)``.
 
-    ``plan`` is a :func:`cs4a_plan`; ``q_dec``/``k_dec`` are the decision scale's q and whole cache k.
+    ``plan`` is a :func:`cs4a_plan`; ``q_dec``/``k_dec`` are the decision scale's q and whole cache k. The
+    decision mask (for the residual) is computed only ``with_decision``.
     """
     from ..cs4a.select import cs4a_masks, decision_mask
 
     masks = cs4a_masks(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode)
-    dec = decision_mask(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode)
+    dec = decision_mask(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode) if with_decision else None
     return masks, dec
+
+
+def group_mass64(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, group: int) -> torch.Tensor:
+    """float64 ``[B, H, G, N_kv]``: per group of ``group`` consecutive queries, the column sums of the dense
+    softmax. Equal to rounding (a test checks) to ``cs4a.select.group_mass_reference``, one group at a time:
+    the whole ``[N_q, N_kv]`` probability matrix is never held at once."""
+    B, H, N, _ = q.shape
+    G = -(-N // group)
+    out = torch.empty(B, H, G, k.shape[2], dtype=torch.float64)
+    kt = k.double().transpose(-1, -2)
+    for g in range(G):
+        p = torch.softmax(q[:, :, g * group:(g + 1) * group].double() @ kt * softmax_scale, dim=-1)
+        out[:, :, g] = p.sum(2)
+    return out
+
+
+@lru_cache(maxsize=256)
+def _token_tables(plan: Plan, scale: int, mapping: str):
+    from ..cs4a.select import token_tables
+
+    return token_tables(plan, scale, mapping)
+
+
+@lru_cache(maxsize=256)
+def _block_tables(plan: Plan, scale: int):
+    from ..cs4a.select import block_tables
+
+    return block_tables(plan, scale)
+
+
+@dataclass(frozen=True)
+class RowPattern:
+    """What chosen query rows attend to, as table entries: ``entries [B, H, R, C]`` are keys (``unit`` 1) or
+    key blocks of ``unit`` keys; only entries where ``valid`` count (they are distinct within a row)."""
+
+    entries: torch.Tensor
+    valid: torch.Tensor
+    unit: int
+    kv_len: int
+    keys_per_query: float  # mean over the whole scale, not only the chosen rows
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[B, H, R, kv_len]`` (``tables_mask`` of :mod:`sparvar_compiler.cs4a.select` on these rows)."""
+        n = -(-self.kv_len // self.unit)
+        out = torch.zeros(*self.entries.shape[:3], n + 1, dtype=torch.bool)
+        out.scatter_(-1, torch.where(self.valid, self.entries, n), True)
+        out = out[..., :n]
+        return out if self.unit == 1 else out.repeat_interleave(self.unit, dim=-1)[..., :self.kv_len]
+
+    def mass(self, unit_sums: torch.Tensor) -> torch.Tensor:
+        """``[B, H, R]``: the sum of ``unit_sums [B, H, R, kv_len / unit]`` (probabilities summed per unit) over
+        the pattern: the captured mass, without building the token mask."""
+        picked = unit_sums.gather(-1, torch.where(self.valid, self.entries, 0))
+        return (picked * self.valid).sum(-1)
+
+
+def unit_sums(probs: torch.Tensor, unit: int) -> torch.Tensor:
+    """``probs [..., N]`` summed over consecutive runs of ``unit`` keys (the last run may be short)."""
+    if unit == 1:
+        return probs
+    n = probs.shape[-1]
+    nb = -(-n // unit)
+    pad = torch.zeros(*probs.shape[:-1], nb * unit - n, dtype=probs.dtype)
+    return torch.cat([probs, pad], dim=-1).view(*probs.shape[:-1], nb, unit).sum(-1)
+
+
+def _row_pattern(num: torch.Tensor, idx: torch.Tensor, row_of: torch.Tensor, kv_len: int, unit: int,
+                 keys_per_query: float) -> RowPattern:
+    n, ix = num.index_select(2, row_of), idx.index_select(2, row_of).long()
+    valid = torch.arange(ix.shape[-1]) < n[..., None].long()
+    return RowPattern(ix, valid, unit, kv_len, keys_per_query)
+
+
+class CS4ASelector:
+    """CS4A masks of one layer restricted to chosen query rows, built from the public pieces of
+    :mod:`sparvar_compiler.cs4a.select` (the same statistics, selection and tables as ``cs4a_masks``, which a
+    test checks). The decision scale's float64 group statistics are computed once and reused for every top-k
+    budget and key mapping, which is what makes a calibration search affordable.
+    """
+
+    def __init__(self, q_dec: torch.Tensor, k_dec: torch.Tensor, softmax_scale: float) -> None:
+        self.q, self.k, self.scale = q_dec, k_dec, softmax_scale
+        self._stats: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _statistics(self, plan: Plan, mode: str) -> torch.Tensor:
+        from ..cs4a.select import block_mass
+
+        cfg = plan.config
+        size = cfg.group_size if mode == "token" else cfg.dcsla_block
+        key = (mode, size)
+        if key not in self._stats:
+            mass = group_mass64(self.q, self.k, self.scale, size)
+            self._stats[key] = mass if mode == "token" else block_mass(mass, size)
+        return self._stats[key]
+
+    def _selection(self, plan: Plan, mode: str):
+        from ..cs4a.select import dcsla_select, topk_keys
+
+        cfg = plan.config
+        stats = self._statistics(plan, mode)
+        if mode == "token":
+            return topk_keys(stats, _token_tables(plan, cfg.decision_scale, cfg.key_mapping).topk)
+        cap = _block_tables(plan, cfg.decision_scale).select_capacity
+        return dcsla_select(stats, cfg.dcsla_coverage, cfg.dcsla_min_blocks, cap)
+
+    @staticmethod
+    def _tables(plan: Plan, s: int, mode: str, mapping: str, sel):
+        """``(num, idx, queries per table row, key block or None)`` of scale ``s``."""
+        if mode == "token":
+            t = _token_tables(plan, s, mapping)
+            num, idx = t.fill(sel)
+            return num, idx, t.group_size, None
+        b = _block_tables(plan, s)
+        num, idx = b.fill(*sel)
+        return num, idx, b.block, b.block
+
+    def decision_mask(self, plan: Plan, mode: str) -> torch.Tensor:
+        """bool ``[B, H, tokens_S, kv_len_S]``: the pattern at the decision scale (for the residual)."""
+        S = plan.config.decision_scale
+        num, idx, size, block_n = self._tables(plan, S, mode, "identity", self._selection(plan, mode))
+        rows = torch.from_numpy(np.arange(plan.scales[S].tokens) // size)
+        return _row_pattern(num, idx, rows, plan.scales[S].kv_len, block_n or 1, 0.0).mask()
+
+    def patterns(self, plan: Plan, mode: str, mapping: str, rows: dict[int, np.ndarray]) -> dict[int, RowPattern]:
+        """Per CS4A scale in ``rows``: the :class:`RowPattern` of those query rows.
+
+        ``plan`` is a :func:`cs4a_plan` of ``mode`` and ``mapping``.
+        """
+        cfg = plan.config
+        sel = self._selection(plan, mode)
+        out = {}
+        for s, r in rows.items():
+            sp = plan.scales[s]
+            if s <= cfg.decision_scale or Mode.CS4A not in sp.modes:
+                continue
+            num, idx, size, block_n = self._tables(plan, s, mode, mapping, sel)
+            # Kept keys per query over the whole scale (every query of a table row keeps the same keys).
+            sizes = torch.from_numpy(np.minimum(size, sp.tokens - np.arange(num.shape[2]) * size)).double()
+            if block_n is None:
+                per_row = num.double()
+            else:  # key blocks: count the keys each holds (the last one is short)
+                valid = torch.arange(idx.shape[-1]) < num[..., None].long()
+                width = (sp.kv_len - idx.long() * block_n).clamp(max=block_n)
+                per_row = (width * valid).sum(-1).double()
+            keys = float((per_row * sizes).sum(-1).mean()) / sp.tokens
+            out[s] = _row_pattern(num, idx, torch.from_numpy(np.asarray(r) // size), sp.kv_len, block_n or 1, keys)
+        return out
+
+    def masks(self, plan: Plan, mode: str, mapping: str, rows: dict[int, np.ndarray]
+              ) -> dict[int, tuple[torch.Tensor, float]]:
+        """Per CS4A scale in ``rows``: ``(mask [B, H, len(rows), kv_len], mean kept keys per query)``."""
+        return {s: (p.mask(), p.keys_per_query) for s, p in self.patterns(plan, mode, mapping, rows).items()}

@@ -133,7 +133,7 @@ def write_heatmap(ev: Evaluation, path: str | Path, modes: tuple[str, ...] = HEA
         return "no figures to plot"
     fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present) + 1, 4.5), dpi=110, squeeze=False)
     im = None
-    for ax, mode in zip(axes[0], present):
+    for i, (ax, mode) in enumerate(zip(axes[0], present)):
         layers, scales, grid = heatmap_grid(ev, mode)
         im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
         ax.set_title(mode, fontsize=9)
@@ -142,7 +142,8 @@ def write_heatmap(ev: Evaluation, path: str | Path, modes: tuple[str, ...] = HEA
         ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)],
                       fontsize=7)
         ax.set_xlabel("query scale")
-        ax.set_ylabel("layer")
+        if i == 0:
+            ax.set_ylabel("layer")
     synthetic = ev.source.get("kind") == "synthetic"
     what = f"synthetic preset {ev.source['preset']['name']} (regime, not image quality)" if synthetic else "captured"
     fig.suptitle(f"{ev.plan.model}: captured softmax mass per (layer, scale), head mean; {what}", fontsize=9)

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -139,12 +140,17 @@ def _nearest(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
     return (uu[:, None] * w + vv[None, :]).reshape(-1)
 
 
+def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    # float32 draws are twice as fast; the noise's precision does not matter, the arrays stay float64.
+    return rng.standard_normal(shape, dtype=np.float32).astype(np.float64)
+
+
 def _smooth_field(rng: np.random.Generator, h: int, w: int, dims: int, length: float) -> np.ndarray:
     """``[h*w, dims]`` unit-variance random field with correlation length ``length`` (0: white noise)."""
     if length <= 0:
-        return rng.standard_normal((h * w, dims))
+        return _normal(rng, (h * w, dims))
     lat = max(2, math.ceil(1.0 / length) + 1)
-    lattice = rng.standard_normal((lat, lat, dims))
+    lattice = _normal(rng, (lat, lat, dims))
     ny, nx = _positions(h, w)
     fy, fx = (ny + 0.5) * (lat - 1), (nx + 0.5) * (lat - 1)
     y0, x0 = np.minimum(fy.astype(int), lat - 2), np.minimum(fx.astype(int), lat - 2)
@@ -172,8 +178,8 @@ def synthetic_head(schedule: Schedule, knobs: HeadKnobs, head_dim: int, decision
     S = decision_scale
     hs, ws = grids[S]
     zq_dec = _smooth_field(rng, hs, ws, dc, knobs.content_smoothness)
-    zk_dec = rng.standard_normal((hs * ws, dc))
-    v_dec = rng.standard_normal((hs * ws, head_dim))
+    zk_dec = _normal(rng, (hs * ws, dc))
+    v_dec = _normal(rng, (hs * ws, head_dim))
     inv_sigma2 = 0.0 if math.isinf(knobs.locality_width) else 1.0 / knobs.locality_width ** 2
     for s, (h, w) in enumerate(grids):
         sl = slice(offs[s], offs[s] + toks[s])
@@ -189,14 +195,14 @@ def synthetic_head(schedule: Schedule, knobs: HeadKnobs, head_dim: int, decision
         q[sl, 4] = -(ay * ny ** 2 + ax * nx ** 2) / 2
         q[sl, 5] = knobs.sink_strength
         if s < S:
-            zq, zk, vv = (rng.standard_normal((toks[s], n)) for n in (dc, dc, head_dim))
+            zq, zk, vv = (_normal(rng, (toks[s], n)) for n in (dc, dc, head_dim))
         elif s == S:
             zq, zk, vv = zq_dec, zk_dec, v_dec
         else:
             up = _nearest((hs, ws), (h, w))
-            zq = rho * zq_dec[up] + fresh * rng.standard_normal((toks[s], dc))
-            zk = knobs.new_key_content * (rho * zk_dec[up] + fresh * rng.standard_normal((toks[s], dc)))
-            vv = rho * v_dec[up] + fresh * rng.standard_normal((toks[s], head_dim))
+            zq = rho * zq_dec[up] + fresh * _normal(rng, (toks[s], dc))
+            zk = knobs.new_key_content * (rho * zk_dec[up] + fresh * _normal(rng, (toks[s], dc)))
+            vv = rho * v_dec[up] + fresh * _normal(rng, (toks[s], head_dim))
         q[sl, _FIXED_FEATURES:] = zq * (knobs.content_strength / math.sqrt(dc))
         k[sl, _FIXED_FEATURES:] = zk
         v[sl] = vv
@@ -277,3 +283,24 @@ class SyntheticSource:
                 "sink_scales": self.sink_scales,
                 "note": "synthetic regime built from explicit knobs: figures describe attention in that regime, "
                         "not image quality"}
+
+
+def write_synthetic_captures(source: SyntheticSource, directory: str | Path, suffix: str = ".npz",
+                             dtype: str = "float32", layers: tuple[int, ...] | None = None,
+                             progress: Callable[[str], None] | None = None) -> Path:
+    """Write a synthetic source as a capture directory (per-scale k/v, like a model's forward hooks would):
+    for tests of the capture path and for timing calibration from files."""
+    from .hooks import CaptureWriter
+
+    writer = CaptureWriter(directory, source.model, source.schedule.resolution, source.schedule.aspect,
+                           softmax_scale=source.softmax_scale, suffix=suffix, dtype=dtype, note=source.note)
+    offs, toks = source.schedule.kv_offsets, source.schedule.tokens
+    for layer in layers or source.layers:
+        q, k, v = source._layer(layer)
+        for s in range(source.schedule.num_scales):
+            sl = slice(offs[s], offs[s] + toks[s])
+            writer.save(s, layer, q[:, :, sl], k[:, :, sl], v[:, :, sl])
+        if progress:
+            progress(f"  wrote layer {layer}")
+    writer.close()
+    return Path(directory)
