@@ -169,14 +169,23 @@ def _module_table(manifest: dict) -> str:
         exp = f"{k['expected_ms']:.4f}" if k["expected_ms"] else "-"
         lines.append(f"{k['scale']:>5} {name:<32} {100 * k['sparsity']:7.1f}% {str(k['tuned']).lower():>5} "
                      f"{exp:>11}  {k['config']}")
+    cs4a = manifest.get("cs4a")
+    if cs4a:
+        for scale, k in sorted(cs4a["scales"].items(), key=lambda kv: int(kv[0])):
+            exp = f"{k['expected_ms']:.4f}" if k["expected_ms"] else "-"
+            what = f"cs4a {cs4a['mode']}, capacity {k['spec']['capacity']}"
+            lines.append(f"{scale:>5} {k['name']:<32} {'dynamic':>8} {str(k['tuned']).lower():>5} {exp:>11}  "
+                         f"{k['config']}  ({what})")
+        lines.append(f"cs4a: decision scale {cs4a['decision_scale']}, layers below {cs4a['bound_layer']}, "
+                     f"{cs4a['mapping']} key mapping, residual {'on' if cs4a['residual'] else 'off'}; statistics "
+                     f"and selection kernels {cs4a['stats']['name']}" + (f", {cs4a['topk']['name']}"
+                                                                         if "topk" in cs4a else ""))
     modes: dict[str, int] = {}
     for row in manifest["dispatch"]:
         modes[row["op"]] = modes.get(row["op"], 0) + 1
+    tuned = manifest["tuned"] and manifest.get("cs4a_tuned") is not False
     lines.append(f"dispatch: {', '.join(f'{v} {k}' for k, v in sorted(modes.items()))} calls per image"
-                 + ("" if manifest["tuned"] else "; UNTUNED kernels use documented default configs"))
-    cs4a = sum(1 for r in manifest["dispatch"] if r["mode"] == "cs4a")
-    if cs4a:
-        lines.append(f"note: {cs4a} CS4A calls run dense SDPA: the dynamic CS4A kernels are not built yet")
+                 + ("" if tuned else "; UNTUNED kernels use documented default configs"))
     return "\n".join(lines)
 
 

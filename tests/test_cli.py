@@ -74,3 +74,5 @@ def test_main_job_prints_plan(capsys, tmp_path):
     # The shipped database holds H100 winners for every CSLA scale: the module is fully tuned.
     manifest = verify_module(tmp_path / "m", gpu="h100")
     assert manifest["tuned"] and sorted(k["scale"] for k in manifest["kernels"].values()) == [10, 11, 12]
+    # ... and for the CS4A kernels of the layers below the bound (decision scale 10 for the residual, 11, 12).
+    assert manifest["cs4a_tuned"] is True and sorted(manifest["cs4a"]["scales"]) == ["10", "11", "12"]
