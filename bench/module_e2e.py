@@ -205,7 +205,7 @@ def main() -> None:
               flush=True)
         result["plans"][plan_name] = row
         del m
-    out = args.out or ROOT / "bench" / "results" / f"e2e-{card}.json"
+    out = args.out or ROOT / "bench" / "results" / f"module-e2e-{card}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
