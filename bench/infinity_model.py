@@ -101,22 +101,25 @@ class InfinityConfig:
         return int(round(self.mlp_ratio * self.width))
 
     @property
+    def _schedule(self):
+        from sparvar_compiler.planner.schedules import Schedule
+
+        # The planner's schedule owns the cache arithmetic (row-major tokens, scales appended in order).
+        return Schedule(0, "1:1", tuple(tuple(g) for g in self.grids))
+
+    @property
     def tokens(self) -> tuple[int, ...]:
-        return tuple(h * w for h, w in self.grids)
+        return self._schedule.tokens
 
     @property
     def kv_offsets(self) -> tuple[int, ...]:
         """First cache position of each scale's tokens."""
-        out, acc = [], 0
-        for t in self.tokens:
-            out.append(acc)
-            acc += t
-        return tuple(out)
+        return self._schedule.kv_offsets
 
     @property
     def kv_lens(self) -> tuple[int, ...]:
         """KV cache length the queries of each scale attend to (all tokens up to and including the scale)."""
-        return tuple(o + t for o, t in zip(self.kv_offsets, self.tokens))
+        return self._schedule.kv_lens
 
     @classmethod
     def from_plan(cls, plan, width: int | None = None, **overrides) -> "InfinityConfig":

@@ -33,13 +33,20 @@ def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     the GPU; float32 math on the CPU."""
     B, H, N, _ = q.shape
     if q.device.type == "cuda":
+        key = (tuple(q.shape), k.shape[2], q.dtype, q.device)
+        known = _LSE_BACKEND.get(key)
+        if known is not None:  # no trial and error once a shape has a backend (it may be inside a graph capture)
+            out, lse = known(q, k, v, scale)
+            return out, lse.reshape(B, H, N).float().contiguous()
         last: Exception | None = None
-        for fn in _lse_backends():
+        for fn in (_cudnn, _flash):
             try:
                 out, lse = fn(q, k, v, scale)
-                return out, lse.reshape(B, H, N).float().contiguous()
             except RuntimeError as e:  # this backend refuses the shape or dtype: try the next one
                 last = e
+                continue
+            _LSE_BACKEND[key] = fn
+            return out, lse.reshape(B, H, N).float().contiguous()
         raise RuntimeError(f"no SDPA backend returned a log-sum-exp: {last}")
     s = q.float() @ k.float().transpose(-1, -2) * scale
     lse = torch.logsumexp(s, dim=-1)
@@ -56,8 +63,7 @@ def _flash(q, k, v, scale):
     return r[0], r[1]
 
 
-def _lse_backends():
-    return (_cudnn, _flash)
+_LSE_BACKEND: dict[tuple, object] = {}
 
 
 class CS4ARuntime:
