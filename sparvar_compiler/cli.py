@@ -111,17 +111,28 @@ def _local_gpu_matches(gpu) -> bool:
         return False
 
 
-def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe"):
-    from .db import collect_environment
+def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe",
+               only_missing=False):
+    """Tune every workload of the plan; ``only_missing`` leaves out those the (layered) database already has a
+    usable winner for, so that compiling on a GPU host with the shipped winners does no GPU work."""
+    from .db import TuningDatabaseError, collect_environment
     from .emit.emitter import plan_workloads
     from .tuner.runners import LocalRunner
     from .tuner.search import Tuner
 
     local = runner is None
+    environment = collect_environment(probe_gpu=local)
     tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, runner or LocalRunner(),
-                  environment=collect_environment(probe_gpu=local), worker=worker)
+                  environment=environment, worker=worker)
     results = []
     for scale, spec, layout in plan_workloads(plan, backends, block_sizes):
+        if only_missing:
+            try:
+                have = db.winner(spec.to_dict(), gpu.to_dict(), environment)
+            except TuningDatabaseError:  # a record from another compiler or card: not usable here, so tune
+                have = None
+            if have is not None:
+                continue
         print(f"tuning scale {scale} {spec.backend} {spec.block_m}x{spec.block_n} ({spec.q_len} x {spec.kv_len})",
               flush=True)
         results.append((scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
@@ -152,7 +163,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     db = _open_db(args.db)
     print(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); GPU present here: {'yes' if present else 'no'}")
     if args.tune == "always" or (args.tune == "auto" and present):
-        _print_tune_table(_tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s))
+        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
+                             only_missing=args.tune == "auto")
+        if results:
+            _print_tune_table(results)
+        else:
+            print("every workload has a database winner for this GPU: nothing to tune")
     out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
     env = collect_environment(probe_gpu=False)
     manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env)

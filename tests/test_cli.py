@@ -1,6 +1,7 @@
 """The command line: plan views, exports, and one-line errors with exit status 2."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -76,3 +77,22 @@ def test_main_job_prints_plan(capsys, tmp_path):
     assert manifest["tuned"] and sorted(k["scale"] for k in manifest["kernels"].values()) == [10, 11, 12]
     # ... and for the CS4A kernels of the layers below the bound (decision scale 10 for the residual, 11, 12).
     assert manifest["cs4a_tuned"] is True and sorted(manifest["cs4a"]["scales"]) == ["10", "11", "12"]
+
+
+def test_tune_auto_leaves_out_workloads_with_a_database_winner(tmp_path, monkeypatch):
+    """With the target GPU present, --tune auto tunes only what the databases lack: the shipped Infinity-8B
+    winners (CSLA and CS4A) mean no GPU work; a model without winners has every workload tuned."""
+    from sparvar_compiler.cli import _open_db, _tune_plan
+    from sparvar_compiler.planner import get_gpu, make_plan
+    from sparvar_compiler.tuner.runners import ReplayRunner
+
+    monkeypatch.setenv("SPARVAR_CACHE_DIR", str(tmp_path / "cache"))
+    gpu = get_gpu("h100")
+    db = _open_db(None)
+    runner = ReplayRunner({})  # serves nothing: any workload it is asked about is 'tuned' (and not recorded)
+    assert _tune_plan(make_plan("infinity-8b"), gpu, db, ("triton",), (64, 128), 2, None, runner=runner,
+                      only_missing=True) == []
+    assert runner.served == 0
+    tiny = make_plan(str(Path(__file__).resolve().parent.parent / "examples" / "tiny-infinity.yaml"))
+    results = _tune_plan(tiny, gpu, db, ("triton",), (64,), 2, None, runner=runner, only_missing=True)
+    assert len(results) > 0 and runner.served > 0
