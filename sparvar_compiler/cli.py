@@ -245,6 +245,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         return 0
     from .db import TuningDatabase, user_database_path
 
+    if args.workers < 1:
+        raise PlanConfigError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        code = _run_tune_workers(args)
+        if code:
+            return code
+        # Every trial is in the database now: the parent's pass below measures nothing (a replay runner with no
+        # records) and prints the winners table from what the workers recorded.
+        from .tuner.runners import ReplayRunner
+
+        db = TuningDatabase.open(args.db)
+        _print_tune_table(_tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, "parent",
+                                     ReplayRunner({}), mode="exhaustive"))
+        return 0
     db = TuningDatabase.open(args.db or user_database_path())
     if args.runner == "replay":
         from .tuner.runners import ReplayRunner
@@ -264,6 +278,63 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             return 2
         results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker)
     _print_tune_table(results)
+    return 0
+
+
+def _run_tune_workers(args: argparse.Namespace) -> int:
+    """Run ``args.workers`` copies of this tune command as processes sharing ``--db`` (and so its Optuna
+    studies: the budget counts every worker's trials, and no config is measured twice). With the local runner
+    worker ``i`` sees GPU ``i`` (modulo the GPUs visible here). Their output is streamed with a ``[wI]`` prefix.
+    Returns the first non-zero exit status, else 0."""
+    import os
+    import subprocess
+    import threading
+
+    if not args.db:
+        raise PlanConfigError("--workers needs --db: a database every worker opens (a SQLite file on one host, "
+                              "PostgreSQL for several)")
+    gpus = 1
+    if args.runner == "local":
+        try:
+            import torch
+
+            gpus = max(1, torch.cuda.device_count())
+        except ImportError:
+            pass
+        if args.workers > gpus:
+            print(f"warning: {args.workers} workers share {gpus} GPU(s): their timings disturb each other",
+                  file=sys.stderr)
+    base = [a for a in args.argv if not a.startswith("--workers")]
+    if "--workers" in args.argv:  # "--workers K" as two tokens
+        i = args.argv.index("--workers")
+        base = args.argv[:i] + args.argv[i + 2:]
+    procs = []
+    for i in range(args.workers):
+        env = dict(os.environ)
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
+        if args.runner == "local":
+            env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        cmd = [sys.executable, "-m", "sparvar_compiler", *base, "--worker", f"w{i}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    def stream(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(f"[w{i}] {line}", end="", flush=True)
+
+    threads = [threading.Thread(target=stream, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    codes = [p.wait() for p in procs]
+    for t in threads:
+        t.join()
+    bad = [(i, c) for i, c in enumerate(codes) if c]
+    if bad:
+        print(f"sparvar-compile: error: worker(s) {', '.join(f'w{i} (exit {c})' for i, c in bad)} failed",
+              file=sys.stderr)
+        return bad[0][1]
     return 0
 
 
@@ -332,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite); a PostgreSQL URL "
                                 "lets several workers share one study")
     p.add_argument("--worker", help="a name for this worker in the records")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run K worker processes sharing --db and its studies (local runner: worker i on GPU i)")
     p.add_argument("--runner", choices=("local", "bundle", "replay"), default="local",
                    help="local: measure on this GPU; bundle: compile candidates into --bundle DIR for a GPU host "
                         "without compilers; replay: ingest that host's --replay results into the database")
@@ -378,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["compile", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # what a parent process re-runs in its workers (tune --workers)
     if args.command is None:
         parser.print_help()
         return 2

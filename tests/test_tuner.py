@@ -154,3 +154,38 @@ def test_bundle_build_here_then_ingest_measured_results(tmp_path, capsys):
     assert main(["tune", "--model", "var-d16", "--gpu", "h200", "--runner", "replay", "--replay", str(results),
                  "--block-sizes", "32", "--db", str(db_path)]) == 2
     assert "measured on h100, not h200" in capsys.readouterr().err
+
+
+def test_tune_workers_flag_runs_processes_sharing_one_database(tmp_path, capsys):
+    """``tune --workers 2`` (replay runner, one SQLite file): two processes split the trials - every config
+    recorded exactly once - and the parent prints the winners, which are the recorded best."""
+    import json
+
+    from sparvar_compiler.cli import main
+    from sparvar_compiler.emit.emitter import plan_workloads
+    from sparvar_compiler.planner import make_plan
+
+    plan = make_plan("var-d16")
+    records, best = [], {}
+    for i, (_, spec, _) in enumerate(plan_workloads(plan, ("triton",), (32,))):
+        for j, config in enumerate(candidates(spec, GPU)[:6]):
+            ms = 0.2 + 0.01 * i - 0.001 * ((j * 7) % 6)  # a different config wins per workload
+            records.append({"spec": spec.to_dict(), "config": config.to_dict(),
+                            "measurement": {"valid": True, "times_ms": [ms, ms]}})
+            if spec.key() not in best or ms < best[spec.key()][0]:
+                best[spec.key()] = (ms, config_key(config.to_dict()), spec)
+    replay = tmp_path / "results.json"
+    replay.write_text(json.dumps({"target": GPU.to_dict(), "records": records}))
+    db_path = tmp_path / "shared.sqlite"
+    assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "replay", "--replay", str(replay),
+                 "--block-sizes", "32", "--trials", "6", "--db", str(db_path), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[w0]" in out and "[w1]" in out
+    db = TuningDatabase.open(db_path)
+    target = db.add_target(GPU.to_dict())
+    for ms, ckey, spec in best.values():
+        trials = db.trials(db.add_workload(spec.to_dict()), target)
+        assert len(trials) == len({t.config_key for t in trials}) == 6
+        assert db.winner(spec.to_dict(), GPU.to_dict()).config_key == ckey
+    assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "replay", "--replay", str(replay),
+                 "--workers", "2"]) == 2  # no --db: the workers would not share anything
