@@ -61,15 +61,18 @@ def main() -> None:
     base = [sys.executable, "-m", "sparvar_compiler", "tune", "--model", args.model, "--gpu", gpu.name,
             "--trials", str(args.trials)]
     one_url, many_url = str(tmp / "one.sqlite"), str(tmp / "many.sqlite")
-    t_one, rc1, log1 = run(base + ["--db", one_url], dict(env, CUDA_VISIBLE_DEVICES="0"))
+    # Each run compiles from a fresh Triton cache: otherwise the second run reuses the first one's kernels.
+    t_one, rc1, log1 = run(base + ["--db", one_url], dict(env, CUDA_VISIBLE_DEVICES="0",
+                                                         TRITON_CACHE_DIR=str(tmp / "triton-one")))
     print(f"1 worker: {t_one:.1f} s (exit {rc1})\n{log1[-1500:]}", flush=True)
-    t_many, rc2, log2 = run(base + ["--db", many_url, "--workers", str(args.workers)], env)
+    t_many, rc2, log2 = run(base + ["--db", many_url, "--workers", str(args.workers)],
+                            dict(env, TRITON_CACHE_DIR=str(tmp / "triton-many")))
     print(f"{args.workers} workers: {t_many:.1f} s (exit {rc2})\n{log2[-1500:]}", flush=True)
     w1, w2 = winners(one_url, gpu.to_dict()), winners(many_url, gpu.to_dict())
     ratios = {k: w2[k] / w1[k] for k in w1 if k in w2}
     res = {"benchmark": "tune-workers", "card": props.name, "gpus": gpus, "model": args.model,
            "trials_per_workload": args.trials, "workers": args.workers, "database": "SQLite (WAL), one host",
-           "one_worker_s": t_one, "many_workers_s": t_many, "wall_ratio": t_many / t_one,
+           "triton_cache": "fresh per run", "one_worker_s": t_one, "many_workers_s": t_many, "wall_ratio": t_many / t_one,
            "winner_ms_ratio_many_over_one": ratios, "exit_codes": [rc1, rc2]}
     print(json.dumps({k: v for k, v in res.items() if k != "winner_ms_ratio_many_over_one"}, indent=1))
     print("winner ms ratio (K workers / 1 worker) per workload:", {k[:8]: round(v, 3) for k, v in ratios.items()})
