@@ -189,3 +189,47 @@ def test_tune_workers_flag_runs_processes_sharing_one_database(tmp_path, capsys)
         assert db.winner(spec.to_dict(), GPU.to_dict()).config_key == ckey
     assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "replay", "--replay", str(replay),
                  "--workers", "2"]) == 2  # no --db: the workers would not share anything
+
+
+class _SlowReplay(ReplayRunner):
+    """A replay runner that takes a little time per measurement, as a GPU does, so workers overlap."""
+
+    def measure(self, spec, config, layout):
+        import time
+
+        time.sleep(0.03)
+        return super().measure(spec, config, layout)
+
+
+def _same_seed_worker(url, index, n, mode, out):
+    spec, layout = _workload()
+    db = TuningDatabase.open(url)
+    runner = _SlowReplay(_replay(spec))
+    Tuner(db, GPU, runner, worker=f"w{index}", progress=lambda s: None).tune(spec, layout, trials=n, mode=mode,
+                                                                              seed=0)
+    out.put(runner.served)
+    db.close()
+
+
+@pytest.mark.parametrize("mode", ["tpe", "exhaustive"])
+def test_workers_with_one_seed_split_the_work(tmp_path, mode):
+    """Two workers started alike (the CLI's --workers: same seed, same space) split the work: each draws its
+    own proposals (TPE) or walks the space from its own offset (exhaustive), so they rarely measure the same
+    config at the same time."""
+    spec, _ = _workload()
+    n = min(16, len(candidates(spec, GPU)))
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_same_seed_worker, args=(url, i, n, mode, q)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0
+    served = sum(q.get(timeout=10) for _ in procs)
+    # Identical proposals would measure nearly everything twice (2n); both workers measure the default config.
+    assert served <= 1.5 * n, served
+    db = TuningDatabase.open(url)
+    trials = db.trials(db.add_workload(spec.to_dict()), db.add_target(GPU.to_dict()))
+    assert len(trials) == len({t.config_key for t in trials}) >= n

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -174,8 +175,16 @@ class Tuner:
         dm = self._measure(spec, default, layout, wkey, tkey, seen, result, name)
         result.default_ms = dm.median_ms
         goal = min(trials, len(space))
+        first, later = space[1:goal], space[goal:]  # exhaustive: the budget goes to the space's first configs
+        if self.worker and first:
+            # Workers sharing a database must not walk those configs in the same order, nor (TPE) draw the
+            # same proposals from the same seed: each starts from its own offset.
+            offset = zlib.crc32(self.worker.encode())
+            seed = seed + offset % 100_003
+            first = first[offset % len(first):] + first[: offset % len(first)]
+        rest = first + later
         if mode == "exhaustive":
-            for config in space[1:]:
+            for config in rest:
                 seen.update(self._recorded(wkey, tkey))  # other workers' records count too
                 if len(seen) >= goal or out_of_time():
                     break
