@@ -171,7 +171,22 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             print("every workload has a database winner for this GPU: nothing to tune")
     out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
     env = collect_environment(probe_gpu=False)
-    manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env)
+    import warnings
+
+    from .db.environment import SoftMismatchWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        # One line for all records measured under other patch versions, not one warning per kernel.
+        warnings.simplefilter("always", SoftMismatchWarning)
+        manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env)
+    soft = [w for w in caught if issubclass(w.category, SoftMismatchWarning)]
+    for w in caught:
+        if not issubclass(w.category, SoftMismatchWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if soft:
+        detail = str(soft[0].message).split(" although ", 1)[-1]
+        print(f"note: {len(soft)} tuning record(s) were measured under other patch versions (e.g. {detail}); "
+              "they are used, as soft mismatches are")
     print(format_summary(plan_summary(plan, 128, 128)))
     print(_module_table(manifest))
     print(f"\nmodule: {out}  (load with sparvar_compiler.runtime.load('{out}'); "
