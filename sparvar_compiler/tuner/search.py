@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import sys
 import time
 import zlib
@@ -178,10 +179,12 @@ class Tuner:
         first, later = space[1:goal], space[goal:]  # exhaustive: the budget goes to the space's first configs
         if self.worker and first:
             # Workers sharing a database must not walk those configs in the same order, nor (TPE) draw the
-            # same proposals from the same seed: each starts from its own offset.
+            # same proposals from the same seed. Each walks its own permutation: rotations of one order would
+            # let a worker catch up with another and then measure in lockstep behind it.
             offset = zlib.crc32(self.worker.encode())
             seed = seed + offset % 100_003
-            first = first[offset % len(first):] + first[: offset % len(first)]
+            first = list(first)
+            random.Random(offset).shuffle(first)
         rest = first + later
         if mode == "exhaustive":
             for config in rest:
