@@ -26,7 +26,6 @@ from .spec import DTYPES, KernelConfig, KernelConfigError, KernelInputError, dty
 from . import triton_backend as tb
 
 TEMPLATE = "triton/cs4a_stats.py.jinja"
-PARAMS = ("q", "k", "lse", "mass", "scale")
 
 
 @dataclass(frozen=True)
@@ -162,13 +161,8 @@ class StatsKernel:
         if mass is None:
             mass = torch.empty(self.spec.batch, self.spec.heads, self.spec.groups, self.spec.kv_len,
                                dtype=torch.float32, device=q.device)
-        launch = self._fn[self.grid]
-        if self.interpret:
-            with tb._interpret_env(True):
-                launch(q, k, lse, mass, scale)
-        else:
-            with torch.cuda.device(q.device):
-                launch(q, k, lse, mass, scale, num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        tb.launch_jit(self._fn, self.grid, (q, k, lse, mass, scale), self.interpret, q.device,
+                      {"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
         return mass
 
 

@@ -37,12 +37,15 @@ def _ceil_div(a: int, b: int) -> int:
 # --------------------------------------------------------------------------------------------- statistics
 def group_mass_reference(q: torch.Tensor, k: torch.Tensor, scale: float, group: int) -> torch.Tensor:
     """float64 ``[B, H, G, Nkv]``: per group of ``group`` consecutive queries, the sum of the rows of
-    ``softmax(q k^T * scale)`` (the straightforward definition, for tests)."""
-    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
-    B, H, N, _ = p.shape
+    ``softmax(q k^T * scale)`` (the straightforward definition, for tests and fidelity). One group at a time,
+    so the whole ``[Nq, Nkv]`` probability matrix is never held."""
+    B, H, N, _ = q.shape
     G = _ceil_div(N, group)
-    pad = torch.zeros(B, H, G * group - N, p.shape[-1], dtype=p.dtype, device=p.device)
-    return torch.cat([p, pad], dim=2).view(B, H, G, group, -1).sum(3)
+    out = torch.empty(B, H, G, k.shape[2], dtype=torch.float64, device=q.device)
+    kt = k.double().transpose(-1, -2)
+    for g in range(G):
+        out[:, :, g] = torch.softmax(q[:, :, g * group:(g + 1) * group].double() @ kt * scale, dim=-1).sum(2)
+    return out
 
 
 def group_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, group: int) -> torch.Tensor:
@@ -361,10 +364,11 @@ def example_selection(tables: TokenTables | BlockTables, batch: int, heads: int,
     return dcsla_select(mass, coverage, min_blocks, tables.select_capacity)
 
 
-def fill_tables(tables: TokenTables | BlockTables, selection) -> dict[str, torch.Tensor]:
-    """The kernel's table arguments by parameter name, filled from a selection."""
+def fill_tables(tables: TokenTables | BlockTables, selection, reuse: bool = False) -> dict[str, torch.Tensor]:
+    """The kernel's table arguments by parameter name, filled from a selection (``reuse``: see
+    :meth:`TokenTables.fill`)."""
     if isinstance(tables, TokenTables):
-        num, idx = tables.fill(selection)
+        num, idx = tables.fill(selection, reuse=reuse)
         return {"key_num": num.contiguous(), "key_idx": idx.contiguous()}
     num, idx = tables.fill(*selection)
     return {"kv_num": num.contiguous(), "kv_idx": idx.contiguous()}

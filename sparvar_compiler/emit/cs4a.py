@@ -77,16 +77,23 @@ def stats_spec(plan: Plan, batch: int, dtype: str) -> cs4a_stats.StatsSpec:
     return cs4a_stats.StatsSpec(batch, plan.heads, dec.tokens, dec.kv_len, plan.head_dim, dtype, group)
 
 
+def cs4a_workloads(plan: Plan, batch: int, dtype: str, scale_kind: str):
+    """``(scale, spec, tables)`` of every dynamic CS4A kernel the plan needs (:func:`cs4a_scales`): what the
+    tuner measures and the emitter compiles."""
+    scales = cs4a_scales(plan)
+    if scales and plan.config.cs4a == "block" and plan.config.key_mapping != "identity":
+        raise PlanConfigError("D-CSLA (cs4a: block) supports the identity key mapping only: a mapped token does "
+                              "not keep its block")
+    for scale in scales:
+        tables = token_tables(plan, scale) if plan.config.cs4a == "token" else block_tables(plan, scale)
+        yield scale, dynamic_spec(plan, tables, batch, dtype, scale_kind), tables
+
+
 def choose_cs4a_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, batch: int, dtype: str, scale_kind: str,
                         environment: dict | None = None) -> list[CS4AKernelChoice]:
     """Per scale of :func:`cs4a_scales`, the database winner of its dynamic kernel, else the default config."""
     out = []
-    if cs4a_scales(plan) and plan.config.cs4a == "block" and plan.config.key_mapping != "identity":
-        raise PlanConfigError("D-CSLA (cs4a: block) supports the identity key mapping only: a mapped token does "
-                              "not keep its block")
-    for scale in cs4a_scales(plan):
-        tables = token_tables(plan, scale) if plan.config.cs4a == "token" else block_tables(plan, scale)
-        spec = dynamic_spec(plan, tables, batch, dtype, scale_kind)
+    for scale, spec, tables in cs4a_workloads(plan, batch, dtype, scale_kind):
         win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
         if win is not None:
             out.append(CS4AKernelChoice(scale, spec, KernelConfig.from_dict(win.config), tables, True,

@@ -5,8 +5,8 @@ the one whose database winner is fastest on the target (or, with no evidence, th
 the default block size, marked ``tuned: false``), compiles it for the target GPU without needing that GPU, and
 writes its cubin, its layout and launch tables (npz) and a manifest. Dense layers dispatch to SDPA (cuDNN /
 FlashAttention) at run time; layers below the bound layer run CS4A (:mod:`.cs4a`): dense plus statistics and
-selection at the decision scale, dynamic kernels at the later scales. The module is written to a temporary directory and renamed into place, so
-an interrupted emit never leaves a half-written module.
+selection at the decision scale, dynamic kernels at the later scales. The module is written to a temporary
+directory and renamed into place, so an interrupted emit never leaves a half-written module.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from ..planner.csla import csla_layout
 from ..planner.gpus import GpuSpec
 from ..planner.layout import BlockLayout
 from ..planner.plan import Mode, Plan
-from ..cs4a.select import block_tables, token_tables
-from .cs4a import choose_cs4a_kernels, cs4a_scales, dynamic_spec, emit_cs4a
+from .cs4a import choose_cs4a_kernels, cs4a_scales, cs4a_workloads, emit_cs4a
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 DEFAULT_BLOCK = 64          # the default layout block when nothing is tuned (fewest wasted FLOPs of CSLA)
@@ -81,9 +80,9 @@ def host_tables(spec: KernelSpec, layout: BlockLayout) -> dict[str, np.ndarray]:
 
 
 def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_sizes: tuple[int, ...] = (64, 128),
-                   batch: int = DEFAULT_BATCH):
+                   batch: int = DEFAULT_BATCH, cs4a: bool = True):
     """``(scale, spec, layout)`` of every kernel workload of the plan: per CSLA scale one per backend and layout
-    block size, then (Triton) the dynamic CS4A kernels, whose third item is their static
+    block size, then (Triton, ``cs4a``) the dynamic CS4A kernels, whose third item is their static
     :class:`~sparvar_compiler.cs4a.TokenTables` / ``BlockTables`` instead of a layout. The tuner measures these
     and the emitter picks among their winners."""
     for s in plan.scales:
@@ -93,11 +92,8 @@ def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_si
             layout = csla_layout(plan, s.index, bs, bs)
             for backend in backends:
                 yield s.index, kernel_spec(plan, s.index, layout, backend, batch=batch), layout
-    if "triton" in backends:
-        scale_kind = softmax_scale(plan)[1]
-        for scale in cs4a_scales(plan):
-            tables = token_tables(plan, scale) if plan.config.cs4a == "token" else block_tables(plan, scale)
-            yield scale, dynamic_spec(plan, tables, batch, DTYPE, scale_kind), tables
+    if cs4a and "triton" in backends:
+        yield from cs4a_workloads(plan, batch, DTYPE, softmax_scale(plan)[1])
 
 
 def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str, ...] = ("triton",),
@@ -105,9 +101,7 @@ def choose_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, backends: tuple[str
                    environment: dict | None = None) -> list[KernelChoice]:
     """Per CSLA scale, the fastest recorded winner over backends and block sizes, else the default config."""
     best: dict[int, KernelChoice] = {}
-    for scale, spec, layout in plan_workloads(plan, backends, block_sizes, batch):
-        if spec.dynamic:
-            continue  # CS4A kernels: emit.cs4a chooses them
+    for scale, spec, layout in plan_workloads(plan, backends, block_sizes, batch, cs4a=False):
         win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
         if win is not None and (scale not in best or win.median_ms < best[scale].expected_ms):
             best[scale] = KernelChoice(scale, spec, KernelConfig.from_dict(win.config), layout, True,

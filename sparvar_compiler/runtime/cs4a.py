@@ -2,9 +2,10 @@
 
 At the decision scale S (dispatch op ``cs4a_decision``) a layer runs dense attention with its log-sum-exp
 (cuDNN, else FlashAttention), the statistics kernel (softmax column mass per query group), the selection (the
-top-k kernel for tokens, torch ops for D-CSLA) and, with the residual on, the sparse attention of S itself to keep ``O_dense - O_sparse``.
-The selection and residual are kept per layer. At a later scale (op ``cs4a``) the layer fills its fixed-shape
-tables from that selection and runs the dynamic kernel, then adds the upsampled residual.
+top-k kernel for tokens, torch ops for D-CSLA) and, with the residual on, the sparse attention of S itself to
+keep ``O_dense - O_sparse``. The selection and residual are kept per layer. At a later scale (op ``cs4a``) the
+layer fills its fixed-shape tables from that selection and runs the dynamic kernel, then adds the upsampled
+residual.
 
 Nothing here synchronises with the host or allocates a shape that depends on data, so a whole image stays
 capturable in one CUDA graph. Calls must come in generation order: a layer's decision-scale call before its
@@ -22,8 +23,8 @@ import torch
 from ..codegen.artifact import CompiledKernel
 from ..codegen.reference import reference_attention
 from ..codegen.spec import KernelInputError
-from ..cs4a.select import (TokenTables, block_mass, dcsla_select, group_mass, tables_from_data, tables_mask,
-                           topk_keys, upsample_add)
+from ..cs4a.select import (block_mass, dcsla_select, fill_tables, group_mass, kernel_tables_mask,
+                           tables_from_data, topk_keys, upsample_add)
 from ..emit.manifest import ModuleError
 
 
@@ -143,20 +144,12 @@ class CS4ARuntime:
                out: torch.Tensor | None) -> torch.Tensor:
         """The dynamic kernel of ``scale_index`` over the tables filled from ``sel``."""
         t = self._tables[scale_index]
-        if isinstance(t, TokenTables):
-            num, idx = t.fill(sel, reuse=not self.fallback)
-            names = ("key_num", "key_idx")
-        else:
-            num, idx = t.fill(*sel)
-            names = ("kv_num", "kv_idx")
+        filled = fill_tables(t, sel, reuse=not self.fallback)
         if self.fallback:
-            mask = tables_mask(num, idx, t.group_size if isinstance(t, TokenTables) else t.block, t.q_len,
-                               t.kv_len, None if isinstance(t, TokenTables) else t.block)
-            res = reference_attention(q, k, v, mask, scale=scale)
+            res = reference_attention(q, k, v, kernel_tables_mask(t, filled), scale=scale)
             return res if out is None else out.copy_(res)
         out = torch.empty_like(q) if out is None else out
-        self._kernels[scale_index].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale,
-                                           names[0]: num, names[1]: idx})
+        self._kernels[scale_index].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **filled})
         return out
 
     def later(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int, layer: int,
