@@ -76,13 +76,8 @@ class TopkKernel:
                                    f"{mass.dtype} {tuple(mass.shape)}")
         if out is None:
             out = torch.empty(*mass.shape[:-1], s.k, dtype=torch.int32, device=mass.device)
-        launch = self._fn[(s.rows, 1, 1)]
-        if self.interpret:
-            with tb._interpret_env(True):
-                launch(mass, out)
-        else:
-            with torch.cuda.device(mass.device):
-                launch(mass, out, num_warps=self.config.num_warps, num_stages=1)
+        tb.launch_jit(self._fn, (s.rows, 1, 1), (mass, out), self.interpret, mass.device,
+                      {"num_warps": self.config.num_warps, "num_stages": 1})
         return out
 
 

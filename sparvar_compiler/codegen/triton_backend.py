@@ -631,14 +631,22 @@ class TritonKernel:
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         args = self.launch_args(q, k, v, out, lse, scale, tables)
         ordered = [args[n] for n in self.param_names]
-        launch = self._fn[self.grid]
-        if self.interpret:
-            with _interpret_env(True):
-                launch(*ordered)
-        else:
-            with torch.cuda.device(q.device), _scratch_allocator(q.device, _uses_tma(self.config)):
-                launch(*ordered, **self._launch_options())
+        with _scratch_allocator(q.device, not self.interpret and _uses_tma(self.config)):
+            launch_jit(self._fn, self.grid, ordered, self.interpret, q.device, self._launch_options())
         return (out, lse) if self.spec.return_lse else out
+
+
+def launch_jit(fn, launch_grid, args, interpret: bool, device: torch.device, options: dict[str, Any]) -> None:
+    """Launch a Triton JIT function of this process: in the interpreter (CPU tensors, no launch options), or
+    compiled on ``device`` with ``options`` (``num_warps``, ``num_stages``, ...). Every Triton kernel kind's
+    ``__call__`` goes through here."""
+    launch = fn[launch_grid]
+    if interpret:
+        with _interpret_env(True):
+            launch(*args)
+    else:
+        with torch.cuda.device(device):
+            launch(*args, **options)
 
 
 def dynamic_table_shapes(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
