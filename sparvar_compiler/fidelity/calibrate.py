@@ -39,7 +39,7 @@ from ..planner.csla import csla_layout
 from ..planner.plan import Mode, Plan, plan_schedule
 from ..planner.schedules import Schedule
 from .evaluate import AttentionSource, EvalOptions, evaluate, sample_rows
-from .masks import CS4ASelector, cs4a_available, cs4a_plan, model_shape, unit_sums
+from .masks import CS4ASelector, cs4a_plan, model_shape, unit_sums
 from .modes import CS4A_VARIANTS
 from .metrics import logits64, masked_output, relative_l2, softmax64
 
@@ -345,8 +345,6 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
     import optuna
 
     t0 = time.perf_counter()
-    if not cs4a_available():
-        raise SparvarError("calibration needs sparvar_compiler.cs4a.select (the CS4A selection)")
     space = space or SearchSpace.default(base_plan)
     base = base_plan.config
     n, depth = base_plan.num_scales, base_plan.depth

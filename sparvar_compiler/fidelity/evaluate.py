@@ -21,7 +21,7 @@ from ..errors import SparvarError
 from ..planner.csla import csla_layout
 from ..planner.plan import Mode, Plan
 from ..planner.schedules import Schedule
-from .masks import (ModeMask, cs4a_available, cs4a_layer_masks, cs4a_plan, csla_masks, random_block_mask,
+from .masks import (ModeMask, cs4a_layer_masks, cs4a_plan, csla_masks, random_block_mask,
                     random_token_mask)
 from .modes import ALL_MODES, CS4A_VARIANTS, DEFAULT_MODES  # noqa: F401 - re-exported
 from .metrics import captured_mass, cosine_similarity, logits64, masked_output, relative_l2, softmax64, sparse_attention
@@ -149,11 +149,6 @@ def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOpt
         source.require(sorted(set(scales) | {S}), layers)  # type: ignore[attr-defined]
     ev = Evaluation(plan, options, source.describe())
     modes = list(options.modes)
-    needs_cs4a = any(m in CS4A_VARIANTS or m == "random_cs4a" for m in modes) or (
-        "sparvar" in modes and any(Mode.CS4A in plan.scales[s].modes for s in scales))
-    if needs_cs4a and not cs4a_available():
-        ev.notes.append("CS4A figures skipped: sparvar_compiler.cs4a.select is not available")
-        modes = [m for m in modes if m not in CS4A_VARIANTS and m != "random_cs4a"]
     static: dict[int, dict[str, ModeMask]] = {}
     row_sel = {s: sample_rows(plan.scales[s].tokens, options.query_sample, options.seed, s) for s in scales}
     ev.rows = {s: int(len(r)) for s, r in row_sel.items()}
@@ -264,8 +259,8 @@ def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, m
         _add(ev, s, layer, regime, mode, mass, out, dense, mm.density(sp.tokens, sp.kv_len), plan_mode=plan_mode)
         return
     if mode_eff in CS4A_VARIANTS or mode_eff == "random_cs4a":
-        if s <= plan.config.decision_scale or not cs4a_available():
-            return  # CS4A applies after the decision scale only (and needs sparvar_compiler.cs4a.select)
+        if s <= plan.config.decision_scale:
+            return  # CS4A applies after the decision scale only
         name = "cs4a_token" if mode_eff == "random_cs4a" else mode_eff
         cplan, masks, residual = cs4a_state[name]
         full_mask = masks[s]

@@ -19,7 +19,6 @@ which masks inside the blocks it computes), the kept pairs for gather and token 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +28,7 @@ import torch
 
 from ..codegen.spec import KernelSpec
 from ..codegen.triton_backend import kernel_mask
+from ..cs4a.select import block_mass, group_mass_reference
 from ..planner.csla import csla_layout
 from ..planner.layout import BlockLayout
 from ..planner.plan import Mode, Plan, plan_schedule
@@ -121,16 +121,6 @@ def cs4a_plan(plan: Plan, mode: str, mapping: str) -> Plan:
     return _cs4a_plan_cached(plan.to_json(), mode, mapping)
 
 
-@lru_cache(maxsize=1)
-def cs4a_available() -> bool:
-    """True if :mod:`sparvar_compiler.cs4a.select` (the dynamic CS4A selection) can be imported."""
-    try:
-        importlib.import_module("sparvar_compiler.cs4a.select")
-    except ImportError:
-        return False
-    return True
-
-
 def cs4a_layer_masks(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, softmax_scale: float, mode: str,
                      mapping: str, with_decision: bool = True
                      ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
@@ -145,20 +135,6 @@ def cs4a_layer_masks(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, softm
     masks = cs4a_masks(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode)
     dec = decision_mask(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode) if with_decision else None
     return masks, dec
-
-
-def group_mass64(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, group: int) -> torch.Tensor:
-    """float64 ``[B, H, G, N_kv]``: per group of ``group`` consecutive queries, the column sums of the dense
-    softmax. Equal to rounding (a test checks) to ``cs4a.select.group_mass_reference``, one group at a time:
-    the whole ``[N_q, N_kv]`` probability matrix is never held at once."""
-    B, H, N, _ = q.shape
-    G = -(-N // group)
-    out = torch.empty(B, H, G, k.shape[2], dtype=torch.float64)
-    kt = k.double().transpose(-1, -2)
-    for g in range(G):
-        p = torch.softmax(q[:, :, g * group:(g + 1) * group].double() @ kt * softmax_scale, dim=-1)
-        out[:, :, g] = p.sum(2)
-    return out
 
 
 @lru_cache(maxsize=256)
@@ -203,12 +179,7 @@ class RowPattern:
 
 def unit_sums(probs: torch.Tensor, unit: int) -> torch.Tensor:
     """``probs [..., N]`` summed over consecutive runs of ``unit`` keys (the last run may be short)."""
-    if unit == 1:
-        return probs
-    n = probs.shape[-1]
-    nb = -(-n // unit)
-    pad = torch.zeros(*probs.shape[:-1], nb * unit - n, dtype=probs.dtype)
-    return torch.cat([probs, pad], dim=-1).view(*probs.shape[:-1], nb, unit).sum(-1)
+    return probs if unit == 1 else block_mass(probs, unit)
 
 
 def _row_pattern(num: torch.Tensor, idx: torch.Tensor, row_of: torch.Tensor, kv_len: int, unit: int,
@@ -236,7 +207,7 @@ class CS4ASelector:
         size = cfg.group_size if mode == "token" else cfg.dcsla_block
         key = (mode, size)
         if key not in self._stats:
-            mass = group_mass64(self.q, self.k, self.scale, size)
+            mass = group_mass_reference(self.q, self.k, self.scale, size)
             self._stats[key] = mass if mode == "token" else block_mass(mass, size)
         return self._stats[key]
 
