@@ -46,57 +46,49 @@ class LocalRunner:
         self._prepared: tuple[str, object] | None = None  # (workload, inputs + golden): one workload at a time
 
     def measure(self, spec: KernelSpec, config: KernelConfig, layout: BlockLayout) -> Measurement:
-        from .measure import check_and_time, prepare
+        """Measure one config; for a dynamic (CS4A) spec ``layout`` is its static tables object."""
+        from .measure import check_and_time
 
-        mod = backend_module(spec.backend)
         key = spec.key()
-        if spec.dynamic:
-            return self._measure_dynamic(spec, config, layout)
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = None  # free the previous workload's tensors first
-            mask = None
-            if spec.kind == "gather":
-                import torch
-
-                mask = torch.from_numpy(mod.kernel_mask(spec, layout)).cuda()
-            self._prepared = (key, prepare(spec, layout, seed=self.seed, mask=mask))
+            self._prepared = (key, self._prepare(spec, layout))
+        prepared, tables = self._prepared[1]
+        mod = backend_module(spec.backend)
         try:
-            kernel = mod.build(spec, config, layout)
+            kernel = mod.build(spec, config) if spec.dynamic else mod.build(spec, config, layout)
         except KernelConfigError as e:
             return Measurement(False, reason="out_of_resources", detail=str(e)[:500])
         except Exception as e:  # noqa: BLE001 - a compile failure is a recorded outcome, not a crash
             return Measurement(False, reason="compile_error", detail=f"{type(e).__name__}: {e}"[:500])
-        return check_and_time(spec, layout, kernel, prepared=self._prepared[1], reps=self.reps, warmup=self.warmup)
+        if tables is not None:  # a dynamic kernel takes its tables with every call
+            built = kernel
 
+            def kernel(q, k, v, scale, out):
+                return built(q, k, v, scale, out=out, tables=tables)
 
-    def _measure_dynamic(self, spec: KernelSpec, config: KernelConfig, tables) -> Measurement:
-        """A dynamic CS4A kernel: tables filled from a random selection (real shapes and capacities), checked
-        against float64 attention restricted to what those tables select, per (batch, head)."""
+        return check_and_time(spec, None if spec.dynamic else layout, kernel, prepared=prepared, reps=self.reps,
+                              warmup=self.warmup)
+
+    def _prepare(self, spec: KernelSpec, layout):
+        """Inputs, golden and (dynamic kernels) tables of one workload, shared by all its configs. A dynamic
+        kernel's tables are filled from a random selection (real shapes and capacities) and its golden is
+        float64 attention restricted to what they select, per (batch, head)."""
         import torch
 
-        from ..cs4a.select import example_selection, fill_tables, kernel_tables_mask
-        from .measure import check_and_time, prepare
+        from .measure import prepare
 
-        key = spec.key()
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = None
+        if spec.dynamic:
+            from ..cs4a.select import example_selection, fill_tables, kernel_tables_mask
+
             gen = torch.Generator(device="cuda")
             gen.manual_seed(self.seed)
-            filled = fill_tables(tables, example_selection(tables, spec.batch, spec.heads, "cuda", gen))
-            mask = kernel_tables_mask(tables, filled)
-            self._prepared = (key, (prepare(spec, None, seed=self.seed, mask=mask), filled))
-        prepared, filled = self._prepared[1]
-        try:
-            kernel = backend_module(spec.backend).build(spec, config)
-        except KernelConfigError as e:
-            return Measurement(False, reason="out_of_resources", detail=str(e)[:500])
-        except Exception as e:  # noqa: BLE001 - a compile failure is a recorded outcome, not a crash
-            return Measurement(False, reason="compile_error", detail=f"{type(e).__name__}: {e}"[:500])
-
-        def run(q, k, v, scale, out):
-            return kernel(q, k, v, scale, out=out, tables=filled)
-
-        return check_and_time(spec, None, run, prepared=prepared, reps=self.reps, warmup=self.warmup)
+            filled = fill_tables(layout, example_selection(layout, spec.batch, spec.heads, "cuda", gen))
+            return prepare(spec, None, seed=self.seed, mask=kernel_tables_mask(layout, filled)), filled
+        mask = None
+        if spec.kind == "gather":
+            mask = torch.from_numpy(backend_module(spec.backend).kernel_mask(spec, layout)).cuda()
+        return prepare(spec, layout, seed=self.seed, mask=mask), None
 
 
 def replay_key(spec: KernelSpec, config: KernelConfig) -> str:
