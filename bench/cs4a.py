@@ -34,7 +34,7 @@ from sparvar_compiler.cs4a.select import (block_mass, block_tables, dcsla_select
                                           upsample_add)
 from sparvar_compiler.emit.cs4a import dynamic_spec  # noqa: E402
 from sparvar_compiler.emit.emitter import DTYPE, choose_kernels  # noqa: E402
-from sparvar_compiler.planner import PlanConfig, make_plan  # noqa: E402
+from sparvar_compiler.planner import make_plan  # noqa: E402
 from sparvar_compiler.planner.gpus import gpu_from_device_name  # noqa: E402
 from sparvar_compiler.runtime.cs4a import dense_with_lse  # noqa: E402
 

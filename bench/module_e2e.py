@@ -16,7 +16,6 @@ import faulthandler
 import os
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,37 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import cold_start  # noqa: E402
 from sparvar_compiler.codegen.reference import relative_error  # noqa: E402
 from sparvar_compiler.db import TuningDatabase  # noqa: E402
 from sparvar_compiler.emit.emitter import emit_module  # noqa: E402
 from sparvar_compiler.planner import PlanConfig, make_plan  # noqa: E402
 from sparvar_compiler.planner.gpus import gpu_from_device_name  # noqa: E402
 from sparvar_compiler.tuner.measure import golden, same_dtype_reference  # noqa: E402
-
-COLD = r"""
-import sys, time, json
-t0 = time.perf_counter()
-import torch
-torch.cuda.init(); torch.zeros(1, device="cuda"); torch.cuda.synchronize()
-t1 = time.perf_counter()
-sys.path.insert(0, sys.argv[2])
-import sparvar_compiler.runtime as rt
-m = rt.load(sys.argv[1])
-t2 = time.perf_counter()
-s = max(k["scale"] for k in m.manifest["kernels"].values())
-layer = next(r["layer"] for r in m.manifest["dispatch"] if r["scale"] == s and r["op"] == "kernel")
-tokens, kv = m._shape[s]
-q = torch.randn(m.batch, m.heads, tokens, m.head_dim, device="cuda", dtype=m.dtype)
-k = torch.randn(m.batch, m.heads, kv, m.head_dim, device="cuda", dtype=m.dtype)
-torch.cuda.synchronize()
-t3 = time.perf_counter()
-o = m.attention(q, k, k, s, layer)
-torch.cuda.synchronize()
-t4 = time.perf_counter()
-print(json.dumps({"torch_cuda_init_s": t1 - t0, "load_s": t2 - t1, "first_call_s": t4 - t3,
-                  "load_plus_first_call_s": (t2 - t1) + (t4 - t3), "finite": bool(torch.isfinite(o).all())}))
-"""
-
 
 def sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -149,8 +124,7 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = emit_module(plan, gpu, mod_dir, db=db, progress=lambda s: print("  " + s, flush=True))
         emit_s = time.perf_counter() - t0
-        cold = json.loads(subprocess.run([sys.executable, "-c", COLD, str(mod_dir), str(ROOT)], check=True,
-                                         capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        cold = cold_start(mod_dir)
         print(f"[{plan_name}] emitted in {emit_s:.1f} s; cold load + first call {cold['load_plus_first_call_s']:.3f} s",
               flush=True)
         import sparvar_compiler.runtime as rt

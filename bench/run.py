@@ -28,8 +28,8 @@ the eager forward is timed with events instead. Per-scale attention time: one CU
 scale's attention calls over all layers on random inputs of the real shapes (normalised q/k as the model makes
 them), median of replays; per-image attention is their sum.
 
-Writes ``bench/results/e2e-<card>.json`` (top-level ``"benchmark": "infinity-e2e"``; an older attention-only
-``module_e2e.py`` file of the same name has no such field) and a PNG bar chart beside it. ``--quick`` runs a tiny
+Writes ``bench/results/e2e-<card>.json`` (top-level ``"benchmark": "infinity-e2e"``; the attention-only
+``module_e2e.py`` writes ``module-e2e-<card>.json``) and a PNG bar chart beside it. ``--quick`` runs a tiny
 model (on the CPU too: ``flash``/``cudnn`` become plain SDPA, flex runs eagerly, the module in its CPU fallback)
 and writes to the temp directory unless ``--out`` is given. ``--plot-from`` redraws the chart from a JSON file
 (no GPU needed).

@@ -319,18 +319,19 @@ def _run_tune_workers(args: argparse.Namespace) -> int:
         if args.workers > gpus:
             print(f"warning: {args.workers} workers share {gpus} GPU(s): their timings disturb each other",
                   file=sys.stderr)
-    base = [a for a in args.argv if not a.startswith("--workers")]
-    if "--workers" in args.argv:  # "--workers K" as two tokens
-        i = args.argv.index("--workers")
-        base = args.argv[:i] + args.argv[i + 2:]
+    base = list(args.argv)
+    if "--workers" in base:  # "--workers K" as two tokens
+        i = base.index("--workers")
+        del base[i:i + 2]
+    base = [a for a in base if not a.startswith("--workers=")]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
+    root = str(Path(__file__).resolve().parents[1])
     procs = []
     for i in range(args.workers):
         env = dict(os.environ)
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
         if args.runner == "local":
             env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
-        root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         cmd = [sys.executable, "-m", "sparvar_compiler", *base, "--worker", f"w{i}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
