@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-host session: GPU tests, TVM bundle check, tuning, module end-to-end. Run from the repo root on the
 # GPU host with the wheels in .whl (optuna, sqlalchemy, ...) and, optionally, a TVM bundle in tvm_bundle/.
-# Usage: bash bench/gpu_session.sh STEP...   (steps: info tests tvm tune e2e cs4a kernels)
+# Usage: bash bench/gpu_session.sh STEP...   (steps: info host tests ktests tvm tune e2e cs4a kernels)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,6 +14,8 @@ for step in "$@"; do
   case $step in
     info) nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
           python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.backends.cudnn.version())" ;;
+    host) grep PRETTY_NAME /etc/os-release; ldd --version | head -1; id nobody; id postgres 2>&1; nproc; free -g | head -2 ;;
+    ktests) timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 ;;
     tests) timeout ${TESTS_S:-240} python3 -m pytest -v -x -p no:cacheprovider -o faulthandler_timeout=200 tests/test_gpu_module.py 2>&1 | tail -60
            timeout 90 python3 -m pytest -v -p no:cacheprovider tests/test_cubin_launcher.py -k "probe_runs or graph_capturable or another_thread or device_limits or triton_cubin" 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" | tail -12 ;;
     tvm) [ -d tvm_bundle ] && timeout 100 python3 -X faulthandler -c "import faulthandler,sys,runpy; faulthandler.dump_traceback_later(80); sys.argv=['x','verify','tvm_bundle','--out','$OUT/tvm-verify.json']; runpy.run_module('sparvar_compiler.codegen.tvm_backend', run_name='__main__')" 2>&1 | tail -60 ;;

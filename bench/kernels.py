@@ -88,6 +88,7 @@ class Settings:
     budget_s: float = 420.0
     backends: tuple[str, ...] = ("sdpa-cudnn", "sdpa-flash", "flex", "triton-block", "triton-gather", "tvm")
     device: str = "cuda"
+    db: str | None = None  # tuning database whose winners join each sweep
     start: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -276,6 +277,19 @@ class Row:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
+def hbm_bytes(case: KernelCase, layout: BlockLayout, semantics: str) -> int:
+    """Bytes a kernel must move at least once between HBM and the SMs: Q and O, and every key/value row that
+    some query keeps (all of them for dense). The benchmark clears L2 before each run, so this is the floor
+    that bounds the small scales, where the compute is short."""
+    if semantics == "dense":
+        keys = layout.kv_len
+    else:
+        cols = layout.active().any(axis=0)
+        keys = int(np.minimum(layout.block_n, layout.kv_len - np.arange(layout.kv_blocks) * layout.block_n)[cols].sum())
+    elem = DTYPES[case.dtype].itemsize
+    return elem * case.batch * case.heads * case.head_dim * (2 * layout.q_len + 2 * keys)
+
+
 def tflops(case: KernelCase, pairs: int, ms: float) -> float:
     return 4.0 * case.batch * case.heads * case.head_dim * pairs / (ms * 1e-3) / 1e12
 
@@ -400,10 +414,48 @@ def spread(items: list, k: int) -> list:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
 
 
-def candidates(backend_module, spec: KernelSpec, gpu: GpuSpec, k: int) -> list[KernelConfig]:
+def candidates(backend_module, spec: KernelSpec, gpu: GpuSpec, k: int,
+               tuned: KernelConfig | None = None) -> list[KernelConfig]:
+    """The default config, the tuned winner (if any), and a spread of the rest of the search space."""
     default = backend_module.default_config(spec, gpu)
-    rest = [c for c in backend_module.search_space(spec, gpu) if c != default]
-    return [default] + spread(rest, k - 1)
+    space = backend_module.search_space(spec, gpu)
+    first = [default] + ([tuned] if tuned is not None and tuned != default else [])
+    # The persistent launches of the best known config, so that knob is compared on its own (it is not in
+    # the tuner's search space).
+    if hasattr(backend_module, "persistent_variants"):
+        first += backend_module.persistent_variants(spec, first[-1], gpu)
+    rest = [c for c in space if c not in first]
+    return first + spread(rest, k - len(first))
+
+
+TUNED: dict[tuple[str, str], dict] = {}  # (case tag, kind) -> the database's winner, recorded beside each row
+
+
+def tuned_config(db_url: str | None, case: KernelCase, spec: KernelSpec, gpu: GpuSpec) -> KernelConfig | None:
+    """The tuning database's winner for this case's kernel on ``gpu``, or None.
+
+    The plan tunes its kernels with an explicit softmax scale and the layout without token masks; both are
+    runtime inputs or ignored by block kernels, so the winner of that workload is this case's tuned config.
+    """
+    if not db_url:
+        return None
+    import dataclasses
+    import itertools
+
+    from sparvar_compiler.db import TuningDatabase
+
+    db = TuningDatabase.open_shipped(db_url) if db_url.endswith(".sqlite") else TuningDatabase.open(db_url)
+    try:
+        for masks, scale_kind in itertools.product((False, True), ("explicit", "default")):
+            h = csla_layout(make_plan(case.model), case.query_scale, case.block_m, case.block_n,
+                            token_masks=masks).content_hash()
+            rec = db.winner(dataclasses.replace(spec, layout_hash=h, scale_kind=scale_kind).to_dict(),
+                            gpu.to_dict())
+            if rec is not None:
+                return KernelConfig.from_dict(rec.config)
+    finally:
+        db.close()
+    return None
 
 
 def job_for(backend: str, case: KernelCase, spec: KernelSpec, config: KernelConfig, gpu: GpuSpec) -> dict:
@@ -482,6 +534,9 @@ def run_triton(case: KernelCase, layout: BlockLayout, kind: str, q, k, v, scale:
     out = torch.empty_like(q)
     extra: dict[str, Any] = {"launch": launch, "candidates": len(trials),
                              "valid": sum(t.get("valid", False) for t in trials)}
+    if (case.tag, kind) in TUNED:
+        extra["db_winner"] = TUNED[(case.tag, kind)]
+        extra["db_winner_won"] = TUNED[(case.tag, kind)] == config
     if launch == "cubin":
         ms = bench_ms(lambda: runner.launch(args), settings.final_rep_ms)
         extra["cubin_ms"] = ms
@@ -774,7 +829,8 @@ def result_dicts(rows: list[Row]) -> list[dict[str, Any]]:
             "tflops_on_computed_blocks": tflops(r.case, pairs, r.ms),
             "flop_basis": {"dense": "all pairs", "block": "active blocks clipped to bounds",
                            "union": "gathered key union per query block"}[r.semantics],
-            "computed_pairs": pairs, "q_len": layout.q_len, "kv_len": layout.kv_len,
+            "computed_pairs": pairs, "hbm_bytes": (nbytes := hbm_bytes(r.case, layout, r.semantics)),
+            "hbm_tb_per_s": nbytes / (r.ms * 1e-3) / 1e12, "q_len": layout.q_len, "kv_len": layout.kv_len,
             "sparsity": layout.sparsity(), "config": r.config, "rel_err": r.rel_err, "ref_err": r.ref_err,
             "error_factor": ERROR_FACTOR, **r.extra, "trials": r.trials,
         })
@@ -783,7 +839,7 @@ def result_dicts(rows: list[Row]) -> list[dict[str, Any]]:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     say("")
-    say(f"{'case':<26} {'backend':<14} {'ms':>8} {'x cuDNN':>8} {'TFLOP/s':>8} {'rel err':>9}  config")
+    say(f"{'case':<26} {'backend':<14} {'ms':>8} {'x cuDNN':>8} {'TFLOP/s':>8} {'TB/s':>6} {'rel err':>9}  config")
     last = None
     for r in results:
         if r["tag"] != last and last is not None:
@@ -793,7 +849,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         err = f"{r['rel_err']:.2e}" if r["rel_err"] is not None else "-"
         cfg = json.dumps(r["config"], sort_keys=True) if r["config"] else ""
         say(f"{r['tag']:<26} {r['backend']:<14} {r['ms']:8.3f} {sp:>8} {r['tflops_on_computed_blocks']:8.0f} "
-            f"{err:>9}  {cfg[:60]}")
+            f"{r['hbm_tb_per_s']:6.2f} {err:>9}  {cfg[:60]}")
 
 
 def write_chart(results: list[dict[str, Any]], path: Path, card: str) -> Path | None:
@@ -843,12 +899,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after this many seconds, sweeps stop at their first valid candidate and flex is skipped")
     p.add_argument("--make-tvm-bundle", type=Path, metavar="DIR",
                    help="compile TVM kernels for the cases into DIR (needs TVM + nvcc, no GPU) and exit")
+    p.add_argument("--db", help="tuning database (file or URL): its winner for each case joins the sweep")
     p.add_argument("--gpu", default="h100", help="target GPU registry name for --make-tvm-bundle")
     return p.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings(budget_s=args.budget_s)
+    s = Settings(budget_s=args.budget_s, db=args.db)
     if args.quick:
         s.max_configs, s.sweep_rep_ms, s.final_rep_ms = 3, 10, 40
     if args.max_configs:
@@ -939,7 +996,10 @@ def submit_triton(cases: list[KernelCase], gpu: GpuSpec, settings: Settings, ski
         for kind in kinds:
             spec = triton_spec(case, layout, kind)
             try:
-                configs = candidates(tb, spec, gpu, settings.max_configs)
+                tuned = tuned_config(settings.db, case, spec, gpu)
+                if tuned is not None:
+                    TUNED[(case.tag, kind)] = tuned.to_dict()
+                configs = candidates(tb, spec, gpu, settings.max_configs, tuned)
             except Exception as e:  # noqa: BLE001 - the in-process sweep will report it again if it persists
                 say(f"  {case.tag} triton-{kind}: no candidates ({short(e)})")
                 continue

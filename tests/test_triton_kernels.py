@@ -12,6 +12,7 @@ correct kernel may have).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -159,6 +160,46 @@ def test_block_kernel_tma(token_exact):
     layout = random_layout(odd_q_len(32), 201, 32, 64, seed=9)
     spec = make_spec(layout, "block", token_exact, dtype="fp32" if not ON_GPU else "bf16")
     check_kernel(spec, config(block_m=32, block_n=32, tma=True), layout)
+
+
+@pytest.mark.parametrize("kind,layout_blocks,tiles,order,programs,kv_len,extra", [
+    ("block", (64, 64), (32, 16), "q_major", 3, 201, {}),  # sub-tiles; the short last block: one masked tile
+    ("block", (64, 64), (16, 16), "head_major", 7, 232, {}),  # its three tiles, the last masked
+    ("block", (32, 64), (32, 32), "q_major", 1000, 224, {}),  # more programs than items: some do nothing
+    ("block", (32, 64), (32, 32), "q_major", 5, 201, {"tma": True}),
+    ("gather", (32, 32), (32, 16), "q_major", 4, 201, {}),
+    ("gather", (64, 32), (64, 64), "head_major", 9, 232, {}),
+])
+def test_persistent_kernels(kind, layout_blocks, tiles, order, programs, kv_len, extra):
+    """A persistent launch (``programs``): few programs stride over every (query tile, batch*head) item, empty
+    rows and the short last block included, and give what one program per item gives."""
+    layout = random_layout(odd_q_len(layout_blocks[0]), kv_len, *layout_blocks, seed=programs)
+    dtype = "bf16" if ON_GPU and extra.get("tma") else "fp32"
+    spec = make_spec(layout, kind, False, dtype=dtype, return_lse=programs % 2 == 1)
+    cfg = config(block_m=tiles[0], block_n=tiles[1], order=order, programs=programs, **extra)
+    assert tb.grid(spec, cfg) == (programs, 1, 1)
+    assert f"persistent over {programs} programs" in tb.render_source(spec, cfg, layout)
+    check_kernel(spec, cfg, layout)
+
+
+def test_persistent_config_is_checked(small):
+    """programs must be a non-negative int and applies to static, block-level or union kernels only."""
+    layout, spec, _ = small
+    for bad in (-1, 2.5, True, "132"):
+        with pytest.raises(KernelConfigError, match="programs"):
+            tb.validate_config(spec, config(programs=bad), check_resources=False)
+    exact = dataclasses.replace(spec, token_exact=True)
+    with pytest.raises(KernelConfigError, match="persistent"):
+        tb.validate_config(exact, config(programs=132), check_resources=False)
+    # The tuner's space leaves persistent launches out; the benchmark derives them from a config.
+    h100 = get_gpu("h100")
+    assert not any(c.get("programs", 0) for c in tb.search_space(spec, h100))
+    variants = tb.persistent_variants(spec, config(stages=3, order="head_major"), h100)
+    assert [c.get("programs") for c in variants] == [132, 264]
+    assert all(c.get("order") == "head_major" and c.num_stages == 3 for c in variants)
+    for c in variants:
+        tb.validate_config(spec, c, h100)
+    assert tb.persistent_variants(exact, config(), h100) == []
 
 
 def test_token_exact_row_starting_on_a_masked_tile():

@@ -38,8 +38,11 @@ again, query tile after query tile, long after it left L2. It is kept as a knob 
 
 Tuning knobs (``KernelConfig``): ``num_warps``, ``num_stages`` and extras ``block_m`` / ``block_n`` (the kernel
 tile; each divides the layout's block, so a layout block can be walked in sub-tiles; a gather kernel's key tile
-is free), ``order`` (``q_major`` or ``head_major``) and, for the block kind on sm_90+, ``tma`` (K/V through
-device-side TMA descriptors; the cubin then needs a global scratch buffer of 256 bytes per program).
+is free), ``order`` (``q_major`` or ``head_major``), for the block kind on sm_90+, ``tma`` (K/V through
+device-side TMA descriptors; the cubin then needs a global scratch buffer of 256 bytes per program), and
+``programs`` (a persistent launch: that many programs stride over the (query tile, batch*head) items in the
+program order, the item loop and the key-tile loop flattened into one pipelined loop; static tables only, not
+token-exact; 0, the default, is one program per item).
 
 Triton picks compiled or interpreted mode once per process, when ``triton.language`` is first imported. Call
 :func:`use_interpreter` before anything imports Triton to run kernels on the CPU; :func:`compile_for_target` then
@@ -79,7 +82,7 @@ from .spec import (DTYPES, KINDS, KernelConfig, KernelConfigError, KernelInputEr
 ORDERS = ("q_major", "head_major")
 TILE_SIZES = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8, 16)
-CONFIG_EXTRAS = ("block_m", "block_n", "order", "tma")
+CONFIG_EXTRAS = ("block_m", "block_n", "order", "tma", "programs")
 _TEMPLATES = {"block": "triton/block_sparse_attention.py.jinja", "gather": "triton/gather_attention.py.jinja"}
 _TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -137,8 +140,16 @@ def _uses_tma(config: KernelConfig) -> bool:
     return bool(config.get("tma", False))
 
 
+def _programs(config: KernelConfig) -> int:
+    """Programs of a persistent launch, or 0 for one program per work item."""
+    return int(config.get("programs", 0))
+
+
 def grid(spec: KernelSpec, config: KernelConfig) -> tuple[int, int, int]:
-    """Launch grid of the kernel: ``(query tiles, B*H, 1)``, or swapped for ``head_major``."""
+    """Launch grid of the kernel: ``(query tiles, B*H, 1)``, or swapped for ``head_major``; ``(programs, 1, 1)``
+    for a persistent config."""
+    if _programs(config):
+        return (_programs(config), 1, 1)
     bm, _, order = _tiles(spec, config)
     tiles, bh = _ceil_div(spec.q_len, bm), spec.batch * spec.heads
     return (tiles, bh, 1) if order == "q_major" else (bh, tiles, 1)
@@ -274,6 +285,7 @@ def template_params(spec: KernelSpec, config: KernelConfig, layout: BlockLayout 
         q_blocks=_ceil_div(spec.q_len, spec.block_m), num_warps=config.num_warps,
         num_stages=config.num_stages, order=order, return_lse=spec.return_lse,
         dot_precision="ieee" if spec.dtype == "fp32" else "tf32",  # fp32 must not silently become TF32
+        programs=_programs(config),
     )
     params["dynamic_tables"] = spec.dynamic
     if spec.kind == "gather":
@@ -362,6 +374,12 @@ def validate_config(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec | None 
         raise KernelConfigError(f"tma must be True or False, got {config.get('tma')!r}")
     if _uses_tma(config) and spec.kind != "block":
         raise KernelConfigError("tma applies to the block kind only (a gather of rows is not a TMA box)")
+    programs = config.get("programs", 0)
+    if isinstance(programs, bool) or not isinstance(programs, int) or programs < 0:
+        raise KernelConfigError(f"programs must be a non-negative integer (0: not persistent), got {programs!r}")
+    if programs and (spec.dynamic or spec.token_exact):
+        raise KernelConfigError("a persistent launch (programs > 0) takes static tables and block-level or "
+                                "union semantics; not for dynamic or token-exact kernels")
     if not check_resources:
         return
     gpu = gpu or _local_gpu()
@@ -395,7 +413,8 @@ def search_space(spec: KernelSpec, gpu: GpuSpec | None = None) -> list[KernelCon
     Query tiles that divide the layout's block and are at least 64 rows (a Hopper warpgroup MMA is 64 rows
     tall) unless the block is smaller; key tiles of 32-128 that divide the layout's block (any of them for the
     gather kind); 4 or 8 warps with at least 16 query rows per warp; 2-5 stages; both program orders; TMA or
-    not (block kind, sm_90+). Configs whose estimated shared memory exceeds the GPU's are left out.
+    not (block kind, sm_90+). Configs whose estimated shared memory exceeds the GPU's are left out (and so is
+    the persistent launch: see :func:`persistent_variants`).
     """
     _check_spec(spec)
     gpu = gpu or _local_gpu()
@@ -414,6 +433,22 @@ def search_space(spec: KernelSpec, gpu: GpuSpec | None = None) -> list[KernelCon
             continue
         out.append(cfg)
     return out
+
+
+def persistent_variants(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec | None = None) -> list[KernelConfig]:
+    """``config`` as a persistent launch of one and two programs per SM (those whose programs fit on an SM).
+
+    Not part of :func:`search_space`: measured on the H100 (bench/NOTES.md), the flattened persistent loop was
+    never clearly faster than one program per item for these layouts (equal at best, up to 1.6x slower with
+    one program per SM), so the tuner does not spend trials on it; the benchmark compares it explicitly.
+    """
+    gpu = gpu or _local_gpu()
+    if spec.dynamic or spec.token_exact:
+        return []
+    base = tuple((k, v) for k, v in config.extra if k != "programs")
+    resident = gpu.smem_per_sm // (estimated_shared_bytes(spec, config) + 1024)
+    return [KernelConfig(config.num_warps, config.num_stages, tuple(sorted(base + (("programs", n * gpu.sm_count),))))
+            for n in range(1, min(2, resident) + 1)]
 
 
 # ---------------------------------------------------------------------------------------------- Triton modes
