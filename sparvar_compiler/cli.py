@@ -111,10 +111,36 @@ def _local_gpu_matches(gpu) -> bool:
         return False
 
 
+def _worker_slot(text: str) -> tuple[int, int]:
+    """``I/K`` (0 <= I < K) as a tuple, for ``--worker-slot``."""
+    try:
+        i, k = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/K such as 0/2, got {text!r}") from None
+    if not 0 <= i < k:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < K, got {text!r}")
+    return i, k
+
+
+def _worker_start(worker: str | None, slot: tuple[int, int] | None, n: int) -> int:
+    """Index of the workload this worker tunes first. Workers sharing a database start on different workloads
+    (worker I of K at I*n/K, a named worker at a hash of its name), so that each mostly tunes workloads of its
+    own and the others' trials are reused, instead of all of them measuring one workload's default config and
+    last trials side by side; they meet, and share trials, only where their walks overlap."""
+    if n == 0 or (worker is None and slot is None):
+        return 0
+    if slot is not None:
+        return slot[0] * n // slot[1]
+    import zlib
+
+    return zlib.crc32(worker.encode()) % n
+
+
 def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe",
-               only_missing=False):
+               only_missing=False, slot=None):
     """Tune every workload of the plan; ``only_missing`` leaves out those the (layered) database already has a
-    usable winner for, so that compiling on a GPU host with the shipped winners does no GPU work."""
+    usable winner for, so that compiling on a GPU host with the shipped winners does no GPU work. A worker
+    (``worker``, ``slot``) walks the workloads from its own start, wrapping around (:func:`_worker_start`)."""
     from .db import TuningDatabaseError, collect_environment
     from .emit.emitter import plan_workloads
     from .tuner.runners import LocalRunner
@@ -125,7 +151,11 @@ def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=No
     tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, runner or LocalRunner(),
                   environment=environment, worker=worker)
     results = []
-    for scale, spec, layout in plan_workloads(plan, backends, block_sizes):
+    workloads = list(plan_workloads(plan, backends, block_sizes))
+    start = _worker_start(worker, slot, len(workloads))
+    order = list(range(start, len(workloads))) + list(range(start))
+    for i in order:
+        scale, spec, layout = workloads[i]
         if only_missing:
             try:
                 have = db.winner(spec.to_dict(), gpu.to_dict(), environment)
@@ -135,8 +165,8 @@ def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=No
                 continue
         print(f"tuning scale {scale} {spec.backend} {spec.block_m}x{spec.block_n} ({spec.q_len} x {spec.kv_len})",
               flush=True)
-        results.append((scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
-    return results
+        results.append((i, scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
+    return [(scale, r) for _, scale, r in sorted(results, key=lambda x: x[0])]  # the plan's order
 
 
 def _print_tune_table(results) -> None:
@@ -272,7 +302,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         db = TuningDatabase.open(args.db)
         _print_tune_table(_tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, "parent",
-                                     ReplayRunner({}), mode="exhaustive"))
+                                     ReplayRunner({}), mode="exhaustive", slot=(0, 1)))
         return 0
     db = TuningDatabase.open(args.db or user_database_path())
     if args.runner == "replay":
@@ -285,13 +315,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             raise PlanConfigError(f"{args.replay} was measured on {data['target']['name']}, not {gpu.name}")
         runner = ReplayRunner.from_records(data["records"])
         results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker, runner,
-                             mode="exhaustive")
+                             mode="exhaustive", slot=args.worker_slot)
     else:
         if not _local_gpu_matches(gpu):
             print(f"sparvar-compile: error: tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); "
                   "use --runner bundle to build here and measure there", file=sys.stderr)
             return 2
-        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker)
+        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker,
+                             slot=args.worker_slot)
     _print_tune_table(results)
     return 0
 
@@ -333,7 +364,8 @@ def _run_tune_workers(args: argparse.Namespace) -> int:
         if args.runner == "local":
             env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [sys.executable, "-m", "sparvar_compiler", *base, "--worker", f"w{i}"]
+        cmd = [sys.executable, "-m", "sparvar_compiler", *base, "--worker", f"w{i}",
+               "--worker-slot", f"{i}/{args.workers}"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
     def stream(i: int, proc: subprocess.Popen) -> None:
@@ -419,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite); a PostgreSQL URL "
                                 "lets several workers share one study")
     p.add_argument("--worker", help="a name for this worker in the records")
+    p.add_argument("--worker-slot", type=_worker_slot, metavar="I/K",
+                   help="this worker is number I of K sharing --db: it starts on workload I*n/K (--workers sets "
+                        "it; without it a named worker starts at a hash of its name)")
     p.add_argument("--workers", type=int, default=1,
                    help="run K worker processes sharing --db and its studies (local runner: worker i on GPU i)")
     p.add_argument("--runner", choices=("local", "bundle", "replay"), default="local",

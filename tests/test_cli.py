@@ -79,6 +79,37 @@ def test_main_job_prints_plan(capsys, tmp_path):
     assert manifest["cs4a_tuned"] is True and sorted(manifest["cs4a"]["scales"]) == ["10", "11", "12"]
 
 
+def test_workers_start_on_different_workloads(tmp_path, capsys):
+    """Worker I of K starts on workload I*n/K and wraps around (so workers mostly tune workloads of their own
+    rather than racing on one); the results come back in the plan's order either way."""
+    import argparse
+
+    from sparvar_compiler.cli import _tune_plan, _worker_slot, _worker_start
+    from sparvar_compiler.db import TuningDatabase
+    from sparvar_compiler.planner import get_gpu, make_plan
+    from sparvar_compiler.tuner.runners import ReplayRunner
+
+    assert [_worker_start(f"w{i}", (i, 3), 9) for i in range(3)] == [0, 3, 6]
+    assert _worker_start(None, None, 9) == 0 and _worker_start("w0", (0, 2), 0) == 0
+    assert 0 <= _worker_start("host-a", None, 9) < 9  # a named worker on another host: a hash of its name
+    assert _worker_slot("1/2") == (1, 2)
+    for bad in ("2/2", "-1/2", "x", "1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _worker_slot(bad)
+    plan, gpu = make_plan("var-d16"), get_gpu("h100")
+    db = TuningDatabase.open(tmp_path / "t.sqlite")
+    first = _tune_plan(plan, gpu, db, ("triton",), (32,), 1, None, worker="w0", runner=ReplayRunner({}),
+                       slot=(0, 1))
+    capsys.readouterr()
+    second = _tune_plan(plan, gpu, db, ("triton",), (32,), 1, None, worker="w1", runner=ReplayRunner({}),
+                        slot=(1, 2))
+    walked = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("tuning scale")]
+    scales = [scale for scale, _ in first]
+    n = len(scales)
+    assert n >= 4 and walked == [str(s) for s in scales[n // 2:] + scales[: n // 2]]
+    assert [scale for scale, _ in second] == scales
+
+
 def test_tune_auto_leaves_out_workloads_with_a_database_winner(tmp_path, monkeypatch):
     """With the target GPU present, --tune auto tunes only what the databases lack: the shipped Infinity-8B
     winners (CSLA and CS4A) mean no GPU work; a model without winners has every workload tuned."""
