@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-host session: GPU tests, TVM bundle check, tuning, module end-to-end. Run from the repo root on the
 # GPU host with the wheels in .whl (optuna, sqlalchemy, ...) and, optionally, a TVM bundle in tvm_bundle/.
-# Usage: bash bench/gpu_session.sh STEP...   (steps: info host tests ktests tvm tune e2e cs4a kernels)
+# Usage: bash bench/gpu_session.sh STEP...   (steps: info host tests ktests tvm tune e2e cs4a kernels ncu)
+# ncu profiles NCU_CASES ("tag|kind|config-json;..."), one Nsight Compute report each, into $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,5 +25,16 @@ for step in "$@"; do
     e2e) timeout ${E2E_S:-240} python3 bench/module_e2e.py ${DB:+--db $DB} --out "$OUT/e2e-$GPU.json" 2>&1 | tail -30 ;;
     cs4a) timeout ${CS4A_S:-400} python3 bench/cs4a.py ${DB:+--db $DB} --out "$OUT/cs4a-$GPU.json" 2>&1 | tail -60 ;;
     kernels) timeout ${KERNELS_S:-400} python3 bench/kernels.py ${KERNEL_ARGS:-} --out "$OUT/kernels-$GPU.json" 2>&1 | tail -45 ;;
+    ncu) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+         if [ -z "$NCU" ]; then echo "no ncu on this host"; continue; fi
+         IFS=';' read -ra items <<< "${NCU_CASES:-}"
+         for item in "${items[@]}"; do
+           IFS='|' read -r tag kind cfg <<< "$item"
+           f="$OUT/ncu-$(echo "$tag-$kind" | tr '/' '_').txt"
+           timeout 150 "$NCU" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+             --section WarpStateStats --section LaunchStats -k regex:sparvar -s 1 -c 1 \
+             python3 bench/ncu_case.py "$tag" "$kind" "$cfg" > "$f" 2>&1
+           echo "--- $tag $kind"; grep -E "error|Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Hit Rate|Registers|Block Limit|Stall|Warp Cycles" "$f" | head -40
+         done ;;
   esac
 done
