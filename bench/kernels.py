@@ -89,6 +89,7 @@ class Settings:
     backends: tuple[str, ...] = ("sdpa-cudnn", "sdpa-flash", "flex", "triton-block", "triton-gather", "tvm")
     device: str = "cuda"
     db: str | None = None  # tuning database whose winners join each sweep
+    wide_from: Path | None = None  # earlier results whose winners join each sweep with 8-warp variants
     start: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -415,17 +416,34 @@ def spread(items: list, k: int) -> list:
 
 
 def candidates(backend_module, spec: KernelSpec, gpu: GpuSpec, k: int,
-               tuned: KernelConfig | None = None) -> list[KernelConfig]:
-    """The default config, the tuned winner (if any), and a spread of the rest of the search space."""
+               tuned: KernelConfig | None = None, also: list[KernelConfig] = ()) -> list[KernelConfig]:
+    """The default config, the tuned winner (if any), ``also``, and a spread of the rest of the search space."""
     default = backend_module.default_config(spec, gpu)
     space = backend_module.search_space(spec, gpu)
     first = [default] + ([tuned] if tuned is not None and tuned != default else [])
+    first += [c for c in dict.fromkeys(also) if c not in first]
     # The persistent launches of the best known config, so that knob is compared on its own (it is not in
     # the tuner's search space).
     if hasattr(backend_module, "persistent_variants"):
         first += backend_module.persistent_variants(spec, first[-1], gpu)
     rest = [c for c in space if c not in first]
     return first + spread(rest, k - len(first))
+
+
+def wide_variants(results: Path | None, tag: str, backend: str) -> list[KernelConfig]:
+    """Experiment (``--wide-from FILE``): the winner of ``tag``/``backend`` in an earlier results file, and
+    the same config with 8 warps over its 64-row tile (two warpgroups split the key columns; outside the
+    search space, which asks 16 query rows per warp), for the latency-bound small scales."""
+    if results is None:
+        return []
+    row = next((c for c in json.loads(results.read_text())["cases"]
+                if c["tag"] == tag and c["backend"] == backend), None)
+    if row is None or not row.get("config"):
+        return []
+    base = KernelConfig.from_dict({k: v for k, v in row["config"].items() if k != "programs"})
+    if base.num_warps != 4 or base.get("block_m") != 64:
+        return [base]
+    return [base] + [KernelConfig(8, stages, base.extra) for stages in sorted({base.num_stages, 3})]
 
 
 TUNED: dict[tuple[str, str], dict] = {}  # (case tag, kind) -> the database's winner, recorded beside each row
@@ -900,12 +918,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--make-tvm-bundle", type=Path, metavar="DIR",
                    help="compile TVM kernels for the cases into DIR (needs TVM + nvcc, no GPU) and exit")
     p.add_argument("--db", help="tuning database (file or URL): its winner for each case joins the sweep")
+    p.add_argument("--wide-from", type=Path, metavar="FILE",
+                   help="experiment: an earlier results file whose winners join each sweep, with 8-warp variants")
     p.add_argument("--gpu", default="h100", help="target GPU registry name for --make-tvm-bundle")
     return p.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings(budget_s=args.budget_s, db=args.db)
+    s = Settings(budget_s=args.budget_s, db=args.db, wide_from=args.wide_from)
     if args.quick:
         s.max_configs, s.sweep_rep_ms, s.final_rep_ms = 3, 10, 40
     if args.max_configs:
@@ -999,7 +1019,8 @@ def submit_triton(cases: list[KernelCase], gpu: GpuSpec, settings: Settings, ski
                 tuned = tuned_config(settings.db, case, spec, gpu)
                 if tuned is not None:
                     TUNED[(case.tag, kind)] = tuned.to_dict()
-                configs = candidates(tb, spec, gpu, settings.max_configs, tuned)
+                configs = candidates(tb, spec, gpu, settings.max_configs, tuned,
+                                     wide_variants(settings.wide_from, case.tag, f"triton-{kind}"))
             except Exception as e:  # noqa: BLE001 - the in-process sweep will report it again if it persists
                 say(f"  {case.tag} triton-{kind}: no candidates ({short(e)})")
                 continue
