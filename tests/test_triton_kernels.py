@@ -424,11 +424,13 @@ def test_compile_for_sm90(sm90_kernel, csla_spec):
     _check_cubin(sm90_kernel, spec, "sm_90a", tb.default_config(spec, get_gpu("h100")).num_warps)
 
 
-def test_compile_for_sm80(csla_spec):
+@pytest.mark.parametrize("gpu_name,arch", [("a100", "sm_80"), ("l40s", "sm_89"), ("b200", "sm_100a")])
+def test_compile_for_other_archs(csla_spec, gpu_name, arch):
+    """Cubins for every registered architecture, built here without any GPU."""
     layout, spec = csla_spec
     cfg = config(4, 2, block_m=64, block_n=32)
-    ck = tb.compile_for_target(spec, cfg, layout, get_gpu("a100"))
-    _check_cubin(ck, spec, "sm_80", 4)
+    ck = tb.compile_for_target(spec, cfg, layout, get_gpu(gpu_name))
+    _check_cubin(ck, spec, arch, 4)
     assert ck.config == cfg.to_dict()
 
 

@@ -268,7 +268,8 @@ def test_compiled_report_checks():
 
 # ---------------------------------------------------------------------------------------------- cubins
 @needs_nvcc
-@pytest.mark.parametrize("gpu_name,mma", [("h100", "mma_sync"), ("a100", "mma_sync"), ("h100", "wgmma")])
+@pytest.mark.parametrize("gpu_name,mma", [("h100", "mma_sync"), ("a100", "mma_sync"), ("l40s", "mma_sync"),
+                                          ("b200", "mma_sync"), ("h100", "wgmma")])
 def test_compile_for_target_makes_a_cubin(gpu_name, mma):
     plan = make_plan("var-d16")
     layout = csla_layout(plan, 9, 64, 64)
