@@ -272,10 +272,24 @@ def _os_release() -> str:
 
 # ---------------------------------------------------------------------------------------------------- serve
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free at the time of asking (a server may still lose it to a race: retry)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_postmaster(proc: subprocess.Popen | None) -> None:
+    """Stop a postmaster we started, if it still runs: SIGINT is PostgreSQL's "fast" shutdown (roll back
+    sessions, exit cleanly); after 15 s it is killed."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _import_psycopg():
@@ -475,7 +489,7 @@ class PortableServer:
         psycopg = _import_psycopg()
         self._log = open(self.log_path, "ab")
         for _attempt in range(3):  # the free port can be taken between probing and binding
-            self.port = _free_port()
+            self.port = free_port()
             self.proc = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"max_connections={self.max_connections}",
@@ -489,7 +503,7 @@ class PortableServer:
                     return
                 except psycopg.OperationalError:
                     time.sleep(0.1)
-            self._kill()
+            stop_postmaster(self.proc)
             if "could not bind" not in self.log_tail():
                 break
         raise RuntimeError(f"postgres did not start (exit {self.proc.returncode}); the end of its log:\n"
@@ -536,20 +550,10 @@ class PortableServer:
                 report["missing"].append(line.strip())
         return report
 
-    def _kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: roll back sessions, exit cleanly
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
     def stop(self) -> None:
         """Stop the server (if running) and delete the extracted tree and data. Safe to call twice."""
         atexit.unregister(self.stop)
-        self._kill()
+        stop_postmaster(self.proc)
         if self._log is not None:
             self._log.close()
             self._log = None

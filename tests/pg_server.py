@@ -15,8 +15,7 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
+import sys
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the repository root, for bench/ (not an installed package)
+    sys.path.insert(0, str(ROOT))
+
+from bench.pg_bundle import free_port, stop_postmaster  # noqa: E402  (one postmaster start/stop for both)
 
 _START_TIMEOUT_S = 30.0
 
@@ -45,12 +50,6 @@ def _unavailable(reason: str) -> None:
     if os.environ.get("SPARVAR_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"PostgreSQL tests are required (SPARVAR_REQUIRE_POSTGRES=1) but {reason}")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -83,7 +82,7 @@ class PostgresServer:
                        check=True, capture_output=True, env=self._env(), cwd=self.root, **self._run_as)
         self._log = log = open(self.root / "server.log", "wb")
         for _attempt in range(3):  # the free port can be taken between probing and binding
-            self.port = _free_port()
+            self.port = free_port()
             self.proc = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                  "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
@@ -91,7 +90,7 @@ class PostgresServer:
                 stdout=log, stderr=subprocess.STDOUT, env=self._env(), cwd=self.root, **self._run_as)
             if self._wait_ready():
                 return
-            self._kill()
+            stop_postmaster(self.proc)
         raise RuntimeError(f"postgres did not start; log:\n{(self.root / 'server.log').read_text()[-3000:]}")
 
     def _wait_ready(self) -> bool:
@@ -124,18 +123,8 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
-    def _kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: roll back sessions, exit cleanly
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
     def stop(self) -> None:
-        self._kill()
+        stop_postmaster(self.proc)
         if self._log is not None:
             self._log.close()
         shutil.rmtree(self.root, ignore_errors=True)
