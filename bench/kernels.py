@@ -46,6 +46,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -56,6 +58,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -449,30 +452,36 @@ def wide_variants(results: Path | None, tag: str, backend: str) -> list[KernelCo
 TUNED: dict[tuple[str, str], dict] = {}  # (case tag, kind) -> the database's winner, recorded beside each row
 
 
-def tuned_config(db_url: str | None, case: KernelCase, spec: KernelSpec, gpu: GpuSpec) -> KernelConfig | None:
-    """The tuning database's winner for this case's kernel on ``gpu``, or None.
+def open_tuning_db(db_url: str | None):
+    """The tuning database behind ``--db`` (a shipped-style SQLite file read-only), or None."""
+    if not db_url:
+        return None
+    from sparvar_compiler.db import TuningDatabase
+
+    return TuningDatabase.open_shipped(db_url) if db_url.endswith(".sqlite") else TuningDatabase.open(db_url)
+
+
+@lru_cache(maxsize=None)
+def _plan_layout_hash(case: KernelCase) -> str:
+    """Hash of the case's layout as the plan tunes it: without token masks (block kernels do not read them)."""
+    return csla_layout(make_plan(case.model), case.query_scale, case.block_m, case.block_n,
+                       token_masks=False).content_hash()
+
+
+def tuned_config(db, case: KernelCase, spec: KernelSpec, gpu: GpuSpec) -> KernelConfig | None:
+    """The tuning database's winner for this case's kernel on ``gpu`` (``db`` from :func:`open_tuning_db`),
+    or None.
 
     The plan tunes its kernels with an explicit softmax scale and the layout without token masks; both are
     runtime inputs or ignored by block kernels, so the winner of that workload is this case's tuned config.
     """
-    if not db_url:
+    if db is None:
         return None
-    import dataclasses
-    import itertools
-
-    from sparvar_compiler.db import TuningDatabase
-
-    db = TuningDatabase.open_shipped(db_url) if db_url.endswith(".sqlite") else TuningDatabase.open(db_url)
-    try:
-        for masks, scale_kind in itertools.product((False, True), ("explicit", "default")):
-            h = csla_layout(make_plan(case.model), case.query_scale, case.block_m, case.block_n,
-                            token_masks=masks).content_hash()
-            rec = db.winner(dataclasses.replace(spec, layout_hash=h, scale_kind=scale_kind).to_dict(),
-                            gpu.to_dict())
-            if rec is not None:
-                return KernelConfig.from_dict(rec.config)
-    finally:
-        db.close()
+    for h, scale_kind in itertools.product((_plan_layout_hash(case), case.layout().content_hash()),
+                                           ("explicit", "default")):
+        rec = db.winner(dataclasses.replace(spec, layout_hash=h, scale_kind=scale_kind).to_dict(), gpu.to_dict())
+        if rec is not None:
+            return KernelConfig.from_dict(rec.config)
     return None
 
 
@@ -1011,12 +1020,13 @@ def submit_triton(cases: list[KernelCase], gpu: GpuSpec, settings: Settings, ski
         return {}
     pool = CompilePool(settings.jobs)
     futures: dict[Any, Any] = {"_pool": pool}
+    db = open_tuning_db(settings.db)
     for case in cases:
         layout = case.layout()
         for kind in kinds:
             spec = triton_spec(case, layout, kind)
             try:
-                tuned = tuned_config(settings.db, case, spec, gpu)
+                tuned = tuned_config(db, case, spec, gpu)
                 if tuned is not None:
                     TUNED[(case.tag, kind)] = tuned.to_dict()
                 configs = candidates(tb, spec, gpu, settings.max_configs, tuned,
@@ -1026,6 +1036,8 @@ def submit_triton(cases: list[KernelCase], gpu: GpuSpec, settings: Settings, ski
                 continue
             futures[(case.tag, kind)] = [
                 (c.to_dict(), _waiter(pool.submit(job_for("triton", case, spec, c, gpu)))) for c in configs]
+    if db is not None:
+        db.close()
     n = sum(len(v) for key, v in futures.items() if key != "_pool")
     say(f"queued {n} Triton candidates for compilation")
     return futures
