@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sparvar_compiler.codegen import triton_backend as tb
+from sparvar_compiler.codegen.artifact import CompiledKernel
 from sparvar_compiler.codegen.reference import check_close, reference_attention
 from sparvar_compiler.codegen.render import TemplateError, render
 from sparvar_compiler.codegen.spec import KernelConfig, KernelConfigError, KernelInputError, KernelSpec
@@ -93,19 +94,21 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def inputs(spec: KernelSpec, seed: int):
+def inputs(spec: KernelSpec, seed: int, batch: int | None = None):
     g = torch.Generator().manual_seed(seed)
     shapes = ((spec.q_len,), (spec.kv_len,), (spec.kv_len,))
-    return tuple(torch.randn(spec.batch, spec.heads, n, spec.head_dim, generator=g).to(DTYPES[spec.dtype])
+    b = spec.batch if batch is None else batch
+    return tuple(torch.randn(b, spec.heads, n, spec.head_dim, generator=g).to(DTYPES[spec.dtype])
                  .to(DEVICE) for (n,) in shapes)
 
 
 def check_kernel(spec: KernelSpec, cfg: KernelConfig, layout: BlockLayout, scale: float | None = None,
-                 qkv=None):
-    """Run the kernel on fresh random inputs (or ``qkv``) with poisoned outputs and compare with the references."""
-    kernel = tb.build(spec, cfg, layout)
+                 qkv=None, batch: int | None = None, kernel=None):
+    """Run the kernel on fresh random inputs (or ``qkv``) with poisoned outputs and compare with the references;
+    ``batch`` runs it at another batch than the spec's (a launch size)."""
+    kernel = kernel or tb.build(spec, cfg, layout)
     seed = fresh_seed() if qkv is None else "of the caller's inputs"
-    q, k, v = inputs(spec, seed) if qkv is None else qkv
+    q, k, v = inputs(spec, seed, batch) if qkv is None else qkv
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=DEVICE) if spec.return_lse else None
     result = kernel(q, k, v, scale=scale, out=out, lse=lse)
@@ -180,6 +183,30 @@ def test_persistent_kernels(kind, layout_blocks, tiles, order, programs, kv_len,
     assert tb.grid(spec, cfg) == (programs, 1, 1)
     assert f"persistent over {programs} programs" in tb.render_source(spec, cfg, layout)
     check_kernel(spec, cfg, layout)
+
+
+@pytest.mark.parametrize("kind,token_exact,extra", [
+    ("block", False, {"order": "q_major"}),
+    ("block", True, {"order": "head_major"}),
+    ("gather", False, {"order": "head_major"}),
+    ("block", False, {"order": "head_major", "programs": 5}),  # persistent: `items` follows the batch
+    ("gather", False, {"order": "q_major", "programs": 3}),
+])
+def test_any_batch_runs_one_kernel(kind, token_exact, extra):
+    """The batch is a launch size: one kernel built (tuned) at batch 2 computes batches 1, 2 and 4 exactly."""
+    layout = random_layout(odd_q_len(32), 201, 32, 32, seed=11)
+    spec = make_spec(layout, kind, token_exact, B=2, H=2, return_lse=True)
+    cfg = config(block_m=32, block_n=16 if kind == "gather" else 32, **extra)
+    kernel = tb.build(spec, cfg, layout)
+    for batch in (1, 2, 4):
+        out, _ = check_kernel(spec, cfg, layout, batch=batch, kernel=kernel)
+        assert out.shape[0] == batch
+    if extra.get("programs"):
+        assert tb.work_items(spec, cfg, 4) == 2 * tb.work_items(spec, cfg, 2)
+        assert tb.batch_axis(spec, cfg) is None
+    else:
+        axis = tb.batch_axis(spec, cfg)
+        assert tb.grid(spec, cfg, 4)[axis] == 2 * tb.grid(spec, cfg, 2)[axis] == 4 * spec.heads
 
 
 def test_persistent_config_is_checked(small):
@@ -316,8 +343,8 @@ def test_bad_inputs_raise_before_launch(small):
         kernel(q[:, :, :70].contiguous(), k, v)
     with pytest.raises(KernelInputError, match="fp32"):
         kernel(q.half(), k.half(), v.half())
-    with pytest.raises(KernelInputError, match="shape"):
-        kernel(q[:1].contiguous(), k[:1].contiguous(), v[:1].contiguous())
+    with pytest.raises(KernelInputError, match="shape"):  # heads are part of the kernel, the batch is not
+        kernel(q[:, :1].contiguous(), k[:, :1].contiguous(), v[:, :1].contiguous())
     with pytest.raises(KernelInputError, match="return_lse"):
         kernel(q, k, v, lse=torch.empty(q.shape[:3], device=DEVICE))
     with pytest.raises(KernelInputError, match="scale"):
@@ -432,6 +459,30 @@ def test_compile_for_other_archs(csla_spec, gpu_name, arch):
     ck = tb.compile_for_target(spec, cfg, layout, get_gpu(gpu_name))
     _check_cubin(ck, spec, arch, 4)
     assert ck.config == cfg.to_dict()
+
+
+def test_cubins_scale_with_the_batch(sm90_kernel, csla_spec):
+    """One cubin serves every batch: the grid's batch*heads axis (or a persistent kernel's ``items``) scales, and
+    the record survives the manifest round trip."""
+    layout, spec = csla_spec
+    ck = sm90_kernel
+    assert ck.batch == spec.batch == 2 and ck.batch_generic and ck.batch_grid == (1, spec.heads)
+    assert ck.launch_grid(2) == ck.grid and ck.launch_grid(5) == (ck.grid[0], 5 * spec.heads, 1)
+    again = CompiledKernel.from_meta(ck.meta(), ck.binary)
+    assert again == ck and again.launch_grid(1) == (ck.grid[0], spec.heads, 1)
+    cfg = config(4, 2, block_m=64, block_n=64, order="head_major", programs=132)
+    persistent = tb.compile_for_target(spec, cfg, layout, get_gpu("h100"))
+    assert persistent.grid == (132, 1, 1) and persistent.batch_grid is None
+    names = [p.name for p in persistent.params]
+    assert names[:len(tb.kernel_params(spec, cfg))] == list(tb.kernel_params(spec, cfg))
+    assert dict((p.name, p.kind) for p in persistent.params)["items"] == "i32"
+    assert persistent.launch_grid(7) == (132, 1, 1)
+    assert persistent.batch_scalar_values(3) == {"items": tb.work_items(spec, cfg, 3)}
+    old = {k: v for k, v in ck.meta().items() if k not in ("batch", "batch_grid", "batch_scalars")}
+    fixed = CompiledKernel.from_meta(old, ck.binary)  # an artifact from before batch-generic kernels
+    assert not fixed.batch_generic and fixed.launch_grid(2) == ck.grid
+    with pytest.raises(ValueError, match="built for batch 2 only"):
+        fixed.launch_grid(4)
 
 
 def test_compile_tma_reports_its_scratch(csla_spec):

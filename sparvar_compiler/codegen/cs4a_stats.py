@@ -67,10 +67,12 @@ def key_chunk(spec: StatsSpec, config: KernelConfig) -> int:
     return -(-tiles // int(config.get("key_split", 1))) * bn
 
 
-def grid(spec: StatsSpec, config: KernelConfig) -> tuple[int, int, int]:
-    """``(groups, B*H, key programs)``: splitting the keys gives the GPU enough programs (a decision scale has
-    only 9 groups of 192 queries per head) without any reduction, since each program owns whole columns."""
-    return (spec.groups, spec.batch * spec.heads, -(-spec.kv_len // key_chunk(spec, config)))
+def grid(spec: StatsSpec, config: KernelConfig, batch: int | None = None) -> tuple[int, int, int]:
+    """``(groups, B*H, key programs)`` for ``batch`` (default: the spec's): splitting the keys gives the GPU
+    enough programs (a decision scale has only 9 groups of 192 queries per head) without any reduction, since
+    each program owns whole columns."""
+    b = spec.batch if batch is None else batch
+    return (spec.groups, b * spec.heads, -(-spec.kv_len // key_chunk(spec, config)))
 
 
 def validate_config(spec: StatsSpec, config: KernelConfig) -> None:
@@ -121,11 +123,13 @@ def _signature(spec: StatsSpec) -> dict[str, str]:
 
 def check_call(spec: StatsSpec, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor | None
                ) -> None:
-    """Raise :class:`KernelInputError` unless the tensors fit ``spec``."""
-    want = {"q": (spec.batch, spec.heads, spec.q_len, spec.head_dim),
-            "k": (spec.batch, spec.heads, spec.kv_len, spec.head_dim),
-            "lse": (spec.batch, spec.heads, spec.q_len),
-            "mass": (spec.batch, spec.heads, spec.groups, spec.kv_len)}
+    """Raise :class:`KernelInputError` unless the tensors fit ``spec`` (at q's batch: the batch is a launch
+    size)."""
+    b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] >= 1 else spec.batch
+    want = {"q": (b, spec.heads, spec.q_len, spec.head_dim),
+            "k": (b, spec.heads, spec.kv_len, spec.head_dim),
+            "lse": (b, spec.heads, spec.q_len),
+            "mass": (b, spec.heads, spec.groups, spec.kv_len)}
     for name, t in (("q", q), ("k", k), ("lse", lse), ("mass", mass)):
         if t is None:
             continue
@@ -159,9 +163,10 @@ class StatsKernel:
         if not 0 < scale < math.inf:
             raise KernelInputError(f"scale must be a positive finite number, got {scale!r}")
         if mass is None:
-            mass = torch.empty(self.spec.batch, self.spec.heads, self.spec.groups, self.spec.kv_len,
+            mass = torch.empty(q.shape[0], self.spec.heads, self.spec.groups, self.spec.kv_len,
                                dtype=torch.float32, device=q.device)
-        tb.launch_jit(self._fn, self.grid, (q, k, lse, mass, scale), self.interpret, q.device,
+        tb.launch_jit(self._fn, grid(self.spec, self.config, q.shape[0]), (q, k, lse, mass, scale),
+                      self.interpret, q.device,
                       {"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
         return mass
 
@@ -177,5 +182,7 @@ def build(spec: StatsSpec, config: KernelConfig | None = None, interpret: bool |
 def compile_for_target(spec: StatsSpec, config: KernelConfig, gpu: GpuSpec) -> CompiledKernel:
     """A cubin of the statistics kernel for ``gpu``, without needing that GPU (see
     :func:`sparvar_compiler.codegen.triton_backend.compile_for_target`)."""
+    launch_grid = grid(spec, config)
     return tb.compile_source(render_source(spec, config), kernel_name(spec), _signature(spec), config,
-                             grid(spec, config), spec.to_dict(), gpu)
+                             launch_grid, spec.to_dict(), gpu, batch=spec.batch,
+                             batch_grid=(1, launch_grid[1] // spec.batch))

@@ -70,13 +70,14 @@ class TopkKernel:
     def __call__(self, mass: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """int32 ``[..., k]`` indices of each row's ``k`` largest entries of ``mass`` ``[..., row_len]``."""
         s = self.spec
-        if (mass.dtype != torch.float32 or not mass.is_contiguous() or mass.shape[-1] != s.row_len
-                or mass.numel() != s.rows * s.row_len):
-            raise KernelInputError(f"mass must be a contiguous float32 tensor of {s.rows} rows of {s.row_len}, got "
-                                   f"{mass.dtype} {tuple(mass.shape)}")
+        # Any number of rows (the rows scale with the batch, a launch size); each program owns one row.
+        if (mass.dtype != torch.float32 or not mass.is_contiguous() or mass.dim() < 1
+                or mass.shape[-1] != s.row_len or mass.numel() == 0):
+            raise KernelInputError(f"mass must be a non-empty contiguous float32 tensor of rows of {s.row_len}, "
+                                   f"got {mass.dtype} {tuple(mass.shape)}")
         if out is None:
             out = torch.empty(*mass.shape[:-1], s.k, dtype=torch.int32, device=mass.device)
-        tb.launch_jit(self._fn, (s.rows, 1, 1), (mass, out), self.interpret, mass.device,
+        tb.launch_jit(self._fn, (mass.numel() // s.row_len, 1, 1), (mass, out), self.interpret, mass.device,
                       {"num_warps": self.config.num_warps, "num_stages": 1})
         return out
 
@@ -88,7 +89,11 @@ def build(spec: TopkSpec, config: KernelConfig | None = None, interpret: bool | 
     return TopkKernel(spec, config, bool(interpret))
 
 
-def compile_for_target(spec: TopkSpec, config: KernelConfig, gpu: GpuSpec) -> CompiledKernel:
-    """A cubin of the top-k kernel for ``gpu`` without needing it."""
+def compile_for_target(spec: TopkSpec, config: KernelConfig, gpu: GpuSpec, batch: int = 1) -> CompiledKernel:
+    """A cubin of the top-k kernel for ``gpu`` without needing it. ``spec.rows`` are the rows of ``batch``
+    batch elements; a launch at another batch scales them."""
+    if spec.rows % batch:
+        raise ValueError(f"top-k rows {spec.rows} are not a multiple of batch {batch}")
     return tb.compile_source(render_source(spec, config), kernel_name(spec), {"mass": "*fp32", "out": "*i32"},
-                             config, (spec.rows, 1, 1), spec.to_dict(), gpu)
+                             config, (spec.rows, 1, 1), spec.to_dict(), gpu, batch=batch,
+                             batch_grid=(0, spec.rows // batch))

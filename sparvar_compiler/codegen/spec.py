@@ -37,6 +37,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 class KernelSpec:
     """Everything about the problem that decides the generated kernel (not the tuning knobs).
 
+    ``batch`` is the batch the kernel is tuned (and timed) at; the compiled kernel runs any batch, which is a
+    launch size (its grid, or a persistent kernel's work-item count), not a compile-time constant.
+
     ``scale_kind`` is ``"default"`` (1/sqrt(head_dim)) or ``"explicit"`` (a runtime argument, e.g. Infinity's
     1.0 on L2-normalised q/k); the kernel always takes the scale as an argument, the kind only keys tuning.
 
@@ -163,9 +166,11 @@ def check_kernel_call(spec: KernelSpec, layout: BlockLayout | None, q: torch.Ten
     check_attention_inputs(q, k, v, shape, out, device_type=device_type)  # type: ignore[arg-type]
     if dtype_name(q.dtype) != spec.dtype:
         raise KernelInputError(f"this kernel takes {spec.dtype} tensors, got {q.dtype}")
-    want = (spec.batch, spec.heads, spec.q_len, spec.head_dim)
-    if tuple(q.shape) != want:
-        raise KernelInputError(f"q must have shape {want} for this kernel, got {tuple(q.shape)}")
+    # The batch is a launch size, not part of the kernel: any batch >= 1 runs (spec.batch is what it was tuned at).
+    want = (spec.heads, spec.q_len, spec.head_dim)
+    if q.shape[0] < 1 or tuple(q.shape[1:]) != want:
+        raise KernelInputError(f"q must have shape [batch, {want[0]}, {want[1]}, {want[2]}] (any batch >= 1) for "
+                               f"this kernel, got {tuple(q.shape)}")
     if lse is not None:
         if not spec.return_lse:
             raise KernelInputError("lse was given but this kernel's spec has return_lse=False")

@@ -107,24 +107,28 @@ def kernel_name(spec: KernelSpec) -> str:
     return f"sparvar_{variant}_attention_d{spec.head_dim}"
 
 
-def kernel_params(spec: KernelSpec) -> tuple[str, ...]:
-    """Names of the kernel's runtime parameters, in order (see the module docstring)."""
+def kernel_params(spec: KernelSpec, config: KernelConfig | None = None) -> tuple[str, ...]:
+    """Names of the kernel's runtime parameters, in order (see the module docstring); a persistent config
+    (``programs``) adds ``items``, its work-item count (query tiles x batch x heads)."""
     lse = ("lse",) if spec.return_lse else ()
+    items = ("items",) if config is not None and _programs(config) else ()
     if spec.kind == "gather":
         tables: tuple[str, ...] = ("key_num", "key_idx")
     elif spec.token_exact:
         tables = ("full_num", "full_idx", "partial_num", "partial_idx", "partial_offsets", "partial_masks")
     else:
         tables = ("kv_num", "kv_idx")
-    return ("q", "k", "v", "out", *lse, *tables, "scale")
+    return ("q", "k", "v", "out", *lse, *tables, "scale", *items)
 
 
-def _signature(spec: KernelSpec) -> dict[str, str]:
+def _signature(spec: KernelSpec, config: KernelConfig | None = None) -> dict[str, str]:
     pointer = {"q": "*" + _TRITON_TYPES[spec.dtype], "lse": "*fp32"}
     out = {}
-    for name in kernel_params(spec):
+    for name in kernel_params(spec, config):
         if name == "scale":
             out[name] = "fp32"
+        elif name == "items":
+            out[name] = "i32"
         else:
             out[name] = pointer.get(name, pointer["q"] if name in ("k", "v", "out") else "*i32")
     return out
@@ -145,14 +149,27 @@ def _programs(config: KernelConfig) -> int:
     return int(config.get("programs", 0))
 
 
-def grid(spec: KernelSpec, config: KernelConfig) -> tuple[int, int, int]:
-    """Launch grid of the kernel: ``(query tiles, B*H, 1)``, or swapped for ``head_major``; ``(programs, 1, 1)``
-    for a persistent config."""
+def grid(spec: KernelSpec, config: KernelConfig, batch: int | None = None) -> tuple[int, int, int]:
+    """Launch grid of the kernel for ``batch`` (default: the spec's): ``(query tiles, B*H, 1)``, or swapped for
+    ``head_major``; ``(programs, 1, 1)`` for a persistent config (which takes :func:`work_items` instead)."""
     if _programs(config):
         return (_programs(config), 1, 1)
     bm, _, order = _tiles(spec, config)
-    tiles, bh = _ceil_div(spec.q_len, bm), spec.batch * spec.heads
+    tiles, bh = _ceil_div(spec.q_len, bm), (spec.batch if batch is None else batch) * spec.heads
     return (tiles, bh, 1) if order == "q_major" else (bh, tiles, 1)
+
+
+def batch_axis(spec: KernelSpec, config: KernelConfig) -> int | None:
+    """The grid axis that is ``batch * heads`` (scaled by the launch's batch), or None for a persistent config,
+    whose grid is fixed and whose ``items`` argument scales instead (:func:`work_items`)."""
+    if _programs(config):
+        return None
+    return 1 if _tiles(spec, config)[2] == "q_major" else 0
+
+
+def work_items(spec: KernelSpec, config: KernelConfig, batch: int) -> int:
+    """A persistent launch's ``items``: query tiles x batch x heads."""
+    return _ceil_div(spec.q_len, _tiles(spec, config)[0]) * batch * spec.heads
 
 
 def _check_spec(spec: KernelSpec, layout: BlockLayout | None = None) -> None:
@@ -298,7 +315,7 @@ def template_params(spec: KernelSpec, config: KernelConfig, layout: BlockLayout 
                   tail_tiles=_ceil_div(tail, bn), mask_words=_ceil_div(spec.block_n, 32),
                   token_exact=spec.token_exact,
                   has_partial_blocks=not spec.dynamic and (layout is None or layout.partial_indices.size > 0),
-                  table_params=kernel_params(spec)[4 + spec.return_lse:-1])
+                  table_params=kernel_params(spec)[4 + spec.return_lse:-1])  # without q..out/lse, scale
     return params
 
 
@@ -584,7 +601,7 @@ class TritonKernel:
         self._host_tables = {} if spec.dynamic else _host_tables(spec, layout)
         self._device_tables: dict[str, dict[str, torch.Tensor]] = {}
         self.grid = grid(spec, config)
-        self.param_names = kernel_params(spec)
+        self.param_names = kernel_params(spec, config)
         self.warmup_error: str | None = None
         if not interpret:
             self._warmup()
@@ -597,7 +614,8 @@ class TritonKernel:
         call does not pay the compile."""
         from triton.runtime.errors import OutOfResources
 
-        types = {"q": DTYPES[self.spec.dtype], "lse": torch.float32, "scale": 1.0}
+        types = {"q": DTYPES[self.spec.dtype], "lse": torch.float32, "scale": 1.0,
+                 "items": work_items(self.spec, self.config, self.spec.batch)}
         args = [types.get(n, types["q"] if n in ("k", "v", "out") else torch.int32) for n in self.param_names]
         try:
             # torch dtypes stand in for tensors (Triton's MockTensor): same specialisation as aligned tensors.
@@ -632,6 +650,8 @@ class TritonKernel:
         args: dict[str, object] = {"q": q, "k": k, "v": v, "out": out, "scale": float(scale)}
         if self.spec.return_lse:
             args["lse"] = lse
+        if "items" in self.param_names:
+            args["items"] = work_items(self.spec, self.config, q.shape[0])
         args.update(tables if self.spec.dynamic else self.tables(q.device))
         return args
 
@@ -658,7 +678,7 @@ class TritonKernel:
         """
         scale = self._check(q, k, v, scale, out, lse)
         if self.spec.dynamic:
-            check_dynamic_tables(self.spec, tables, q.device, check_values=self.interpret)
+            check_dynamic_tables(self.spec, tables, q.device, check_values=self.interpret, batch=q.shape[0])
         elif tables is not None:
             raise KernelInputError("tables are given at call time to dynamic (CS4A) kernels only")
         out = torch.empty_like(q) if out is None else out
@@ -667,7 +687,8 @@ class TritonKernel:
         args = self.launch_args(q, k, v, out, lse, scale, tables)
         ordered = [args[n] for n in self.param_names]
         with _scratch_allocator(q.device, not self.interpret and _uses_tma(self.config)):
-            launch_jit(self._fn, self.grid, ordered, self.interpret, q.device, self._launch_options())
+            launch_jit(self._fn, grid(self.spec, self.config, q.shape[0]), ordered, self.interpret, q.device,
+                       self._launch_options())
         return (out, lse) if self.spec.return_lse else out
 
 
@@ -684,20 +705,22 @@ def launch_jit(fn, launch_grid, args, interpret: bool, device: torch.device, opt
             launch(*args, **options)
 
 
-def dynamic_table_shapes(spec: KernelSpec) -> dict[str, tuple[int, ...]]:
-    """Shapes of a dynamic kernel's int32 tables: ``[B, H, rows]`` counts and ``[B, H, rows, capacity]``
-    indices, rows = query groups (gather kind) or query blocks (block kind) of ``spec.block_m`` queries."""
+def dynamic_table_shapes(spec: KernelSpec, batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of a dynamic kernel's int32 tables at ``batch`` (default: the spec's): ``[B, H, rows]`` counts
+    and ``[B, H, rows, capacity]`` indices, rows = query groups (gather kind) or query blocks (block kind) of
+    ``spec.block_m`` queries."""
     rows = _ceil_div(spec.q_len, spec.block_m)
+    b = spec.batch if batch is None else batch
     num, idx = ("key_num", "key_idx") if spec.kind == "gather" else ("kv_num", "kv_idx")
-    return {num: (spec.batch, spec.heads, rows), idx: (spec.batch, spec.heads, rows, spec.capacity)}
+    return {num: (b, spec.heads, rows), idx: (b, spec.heads, rows, spec.capacity)}
 
 
 def check_dynamic_tables(spec: KernelSpec, tables: dict[str, torch.Tensor] | None, device: torch.device,
-                         check_values: bool = False) -> None:
-    """Raise :class:`KernelInputError` unless ``tables`` fit ``spec``: int32, contiguous, on ``device``, with
-    :func:`dynamic_table_shapes`. ``check_values`` also checks every count and index range (a host sync: for
-    tests and the interpreter, not the GPU hot path, where the CS4A builders guarantee them)."""
-    want = dynamic_table_shapes(spec)
+                         check_values: bool = False, batch: int | None = None) -> None:
+    """Raise :class:`KernelInputError` unless ``tables`` fit ``spec`` at ``batch``: int32, contiguous, on
+    ``device``, with :func:`dynamic_table_shapes`. ``check_values`` also checks every count and index range (a
+    host sync: for tests and the interpreter, not the GPU hot path, where the CS4A builders guarantee them)."""
+    want = dynamic_table_shapes(spec, batch)
     if not isinstance(tables, dict) or set(tables) != set(want):
         got = sorted(tables) if isinstance(tables, dict) else type(tables).__name__
         raise KernelInputError(f"this dynamic kernel takes tables {sorted(want)}, got {got}")
@@ -878,35 +901,103 @@ def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayo
     """
     _check_spec(spec, layout)
     validate_config(spec, config, gpu)
-    return compile_source(render_source(spec, config, layout), kernel_name(spec), _signature(spec), config,
-                          grid(spec, config), spec.to_dict(), gpu)
+    axis = batch_axis(spec, config)
+    launch_grid = grid(spec, config)
+    scalars = {} if axis is not None else {"items": work_items(spec, config, 1)}
+    return compile_source(render_source(spec, config, layout), kernel_name(spec), _signature(spec, config), config,
+                          launch_grid, spec.to_dict(), gpu, batch=spec.batch,
+                          batch_grid=None if axis is None else (axis, launch_grid[axis] // spec.batch),
+                          batch_scalars=scalars)
+
+
+def _compile_key(source: str, job: dict[str, Any]) -> str | None:
+    """Key of a compile result: everything that decides the cubin (None where Triton's version is unknown)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        return None
+    what = {"format": 1, "triton": triton_version, "source": hashlib.sha256(source.encode()).hexdigest(),
+            **{k: job[k] for k in ("name", "signature", "arch", "num_warps", "num_stages")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _compile_cache() -> Path:
+    return cache_dir() / "cubins"
+
+
+def _cached_compile(source: str, job: dict[str, Any]) -> dict[str, Any] | None:
+    """A cubin compiled earlier from the same source, signature, arch, options and Triton version (the second
+    emit of a module, or a module set's members sharing a kernel, compiles nothing). ``SPARVAR_COMPILE_CACHE=0``
+    turns the cache off."""
+    key = _compile_key(source, job)
+    if key is None or os.environ.get("SPARVAR_COMPILE_CACHE", "1") == "0":
+        return None
+    d = _compile_cache()
+    try:
+        meta = json.loads((d / f"{key}.json").read_text())
+        cubin = (d / f"{key}.cubin").read_bytes()
+        ptx = (d / f"{key}.ptx").read_text()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("cubin_sha256") != hashlib.sha256(cubin).hexdigest():
+        return None  # a damaged entry: compile again (and overwrite it)
+    return {**{k: v for k, v in meta.items() if k != "cubin_sha256"}, "cubin": cubin, "ptx": ptx}
+
+
+def _store_compile(source: str, job: dict[str, Any], res: dict[str, Any]) -> None:
+    key = _compile_key(source, job)
+    if key is None or os.environ.get("SPARVAR_COMPILE_CACHE", "1") == "0":
+        return
+    d = _compile_cache()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in res.items() if k not in ("cubin", "ptx")}
+        meta["cubin_sha256"] = hashlib.sha256(res["cubin"]).hexdigest()
+        for suffix, data in (("cubin", res["cubin"]), ("ptx", res["ptx"].encode()),
+                             ("json", json.dumps(meta).encode())):  # the json last: it marks a whole entry
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, d / f"{key}.{suffix}")
+    except OSError:
+        pass  # a read-only cache directory only costs compile time
 
 
 def compile_source(source: str, name: str, signature: dict[str, str], config: KernelConfig,
-                   launch_grid: tuple[int, int, int], spec: dict[str, Any], gpu: GpuSpec) -> CompiledKernel:
+                   launch_grid: tuple[int, int, int], spec: dict[str, Any], gpu: GpuSpec, batch: int = 1,
+                   batch_grid: tuple[int, int] | None = None,
+                   batch_scalars: dict[str, int] | None = None) -> CompiledKernel:
     """Compile a rendered Triton kernel ``name`` to a :class:`CompiledKernel` for ``gpu`` (shared by every
     Triton kernel kind): parameters in ``signature`` order plus the scratch buffers the compiler added, the
-    compiler's resource report, and the launch limits checked against ``gpu``."""
+    compiler's resource report, and the launch limits checked against ``gpu``. ``launch_grid`` is for
+    ``batch``; ``batch_grid`` and ``batch_scalars`` say how a launch scales with another batch
+    (:class:`~sparvar_compiler.codegen.artifact.CompiledKernel`)."""
     path = _write_source(source)
     major, minor = gpu.capability
     job = {"path": str(path), "name": name, "signature": signature, "arch": major * 10 + minor,
            "num_warps": config.num_warps, "num_stages": config.num_stages}
-    mode = _triton_mode()
-    if mode == "compiled" or (mode is None and torch.cuda.is_available()):
-        try:
-            res = _compile_in_process(**job)
-        except Exception as e:  # noqa: BLE001 - surface any compiler failure as one error type
-            raise TritonCompileError(f"Triton failed to compile {job['name']} for {gpu.arch}: "
-                                     f"{type(e).__name__}: {e}") from e
-    else:
-        res = _compile_in_child(job)
+    res = _cached_compile(source, job)
+    if res is None:
+        mode = _triton_mode()
+        if mode == "compiled" or (mode is None and torch.cuda.is_available()):
+            try:
+                res = _compile_in_process(**job)
+            except Exception as e:  # noqa: BLE001 - surface any compiler failure as one error type
+                raise TritonCompileError(f"Triton failed to compile {job['name']} for {gpu.arch}: "
+                                         f"{type(e).__name__}: {e}") from e
+        else:
+            res = _compile_in_child(job)
+        _store_compile(source, job, res)
     names = list(signature)
     ptx_types = _ptx_params(res["ptx"], res["name"])
     if len(ptx_types) < len(names):
         raise TritonCompileError(f"{res['name']} has {len(ptx_types)} PTX parameters, expected at least "
                                  f"{len(names)} ({names})")
     programs = launch_grid[0] * launch_grid[1] * launch_grid[2]
-    params = [KernelParam(n, "ptr" if signature[n].startswith("*") else "f32") for n in names]
+    kinds = {"fp32": "f32", "i32": "i32", "i64": "i64"}
+    params = [KernelParam(n, "ptr" if signature[n].startswith("*") else kinds[signature[n]]) for n in names]
     scratch = [("global_scratch", res["global_scratch_size"]), ("profile_scratch", res["profile_scratch_size"])]
     for i in range(len(ptx_types) - len(names)):
         sname, size = scratch[i] if i < len(scratch) else (f"scratch{i}", 0)
@@ -916,6 +1007,7 @@ def compile_source(source: str, name: str, signature: dict[str, str], config: Ke
         backend="triton", arch=arch, entry=res["name"], binary=res["cubin"], binary_format="cubin",
         params=tuple(params), grid=launch_grid, block=(res["num_warps"] * 32, 1, 1), shared_bytes=res["shared"],
         resources=resource_usage(res["cubin"], res["name"]),
-        spec=spec, config=config.to_dict())
+        spec=spec, config=config.to_dict(), batch=batch, batch_grid=batch_grid,
+        batch_scalars=tuple(sorted((batch_scalars or {}).items())))
     check_resources(kernel, gpu)
     return kernel

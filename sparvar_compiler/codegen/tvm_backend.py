@@ -610,8 +610,12 @@ def compile_for_target(spec: KernelSpec, config: KernelConfig, layout: BlockLayo
     binary, resources = _nvcc_compile(source, arch, entry)
     shared = shared_bytes(spec, config)
     check_resources(resources, shared, threads, gpu)
-    return CompiledKernel("tvm", arch, entry, binary, "cubin", tuple(params), grid(spec, config),
-                          (threads, 1, 1), shared, resources, spec.to_dict(), config.to_dict())
+    launch_grid = grid(spec, config)
+    # The batch enters only through the grid's batch*heads axis (a buffer's leading extent is not a stride), so
+    # one cubin serves every batch.
+    return CompiledKernel("tvm", arch, entry, binary, "cubin", tuple(params), launch_grid,
+                          (threads, 1, 1), shared, resources, spec.to_dict(), config.to_dict(), batch=spec.batch,
+                          batch_grid=(1, launch_grid[1] // spec.batch))
 
 
 # ---------------------------------------------------------------------------------------------- bundles

@@ -132,7 +132,7 @@ def emit_cs4a(plan: Plan, gpu: GpuSpec, tmp: Path, choices: list[CS4AKernelChoic
         tconfig = cs4a_topk.default_config(tspec)
         tname = f"cs4a_topk_scale{cfg.decision_scale}"
         progress(f"[cs4a] compiling {tname} for {gpu.name} ({gpu.arch})")
-        compiled = cs4a_topk.compile_for_target(tspec, tconfig, gpu)
+        compiled = cs4a_topk.compile_for_target(tspec, tconfig, gpu, batch=spec0.batch)
         (tmp / f"kernels/{tname}.cubin").write_bytes(compiled.binary)
         section["topk"] = {"name": tname, "binary": f"kernels/{tname}.cubin", "meta": compiled.meta(),
                            "spec": tspec.to_dict(), "config": tconfig.to_dict(), "tuned": False}

@@ -17,6 +17,12 @@ values of the wrong kind raise :class:`LaunchArgumentError` before anything is l
 must be 16-byte aligned because compilers specialise on it (Triton marks aligned pointers ``divisibility=16``
 and emits vector loads that would silently misread an offset view).
 
+The batch is a launch size: ``launch(args, batch=B)`` scales the grid (and a persistent kernel's work-item
+count, and the scratch buffers, which grow with the number of programs) from the batch the kernel was built
+at. A scratch buffer that must grow for a new batch is allocated on that batch's first launch, so launch once
+at each batch before capturing it in a CUDA graph (or call :meth:`LoadedKernel.reserve`); buffers are never
+freed while the kernel lives, since a captured graph may hold their addresses.
+
 A launch allocates nothing and never synchronises, so it can be captured in a CUDA graph. Values are written
 into ctypes storage made once at load; ``cuLaunchKernel`` copies them, so reusing the storage is safe, and a
 lock keeps concurrent launches from different threads apart.
@@ -86,8 +92,14 @@ class ParamPacker:
                     raise KernelBinaryError(f"kernel {entry}: no buffer for scratch parameter {p.name}")
                 slot.value = int(scratch[p.name]) or None
         self._bind = [(p.name, p.kind, s) for p, s in zip(self.params, self.slots) if p.kind != "scratch"]
+        self._scratch_slots = {p.name: s for p, s in zip(self.params, self.slots) if p.kind == "scratch"}
         # cuLaunchKernel reads the value behind each pointer at launch time.
         self.array = (ctypes.c_void_p * max(1, len(self.slots)))(*[ctypes.addressof(s) for s in self.slots])
+
+    def set_scratch(self, addresses: Mapping[str, int]) -> None:
+        """Point scratch parameters at other buffers (a larger batch needs larger ones)."""
+        for name, address in addresses.items():
+            self._scratch_slots[name].value = int(address) or None
 
     def _fail(self, message: str) -> LaunchArgumentError:
         return LaunchArgumentError(f"kernel {self.entry}: {message}")
@@ -218,6 +230,10 @@ class LoadedKernel:
         self._grid, self._block = tuple(compiled.grid), tuple(compiled.block)
         self._shared = int(compiled.shared_bytes)
         self._lock = threading.Lock()
+        self._batch_scalars = frozenset(n for n, _ in compiled.batch_scalars)
+        # Scratch buffers by the batch they are sized for; all stay alive (a captured graph may use them).
+        self._scratch_batch = compiled.batch
+        self._retired: list[torch.Tensor] = []
 
     @classmethod
     def load(cls, compiled: CompiledKernel, device: torch.device | int | str | None = None) -> "LoadedKernel":
@@ -273,14 +289,64 @@ class LoadedKernel:
             drv.unload_module(module)
             raise
 
-    def launch(self, args: Mapping[str, Any], stream: Any = None) -> None:
-        """Launch once with ``args`` bound by parameter name, on ``stream`` (default: torch's current stream).
+    def _programs(self, batch: int) -> int:
+        g = self.compiled.launch_grid(batch)
+        return g[0] * g[1] * g[2]
+
+    def reserve(self, batch: int) -> None:
+        """Size the scratch buffers for launches of up to ``batch`` (do it before capturing a CUDA graph at a
+        batch larger than any launched so far)."""
+        self._check_batch(batch)
+        with self._lock:
+            self._grow_scratch(batch)
+
+    def _check_batch(self, batch: Any) -> int:
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+            raise LaunchArgumentError(f"kernel {self.compiled.entry}: batch must be a positive integer, got "
+                                      f"{batch!r}")
+        if batch != self.compiled.batch and not self.compiled.batch_generic:
+            raise LaunchArgumentError(f"kernel {self.compiled.entry} was built for batch {self.compiled.batch} "
+                                      f"only (an artifact from before batch-generic kernels); got batch {batch}")
+        g = self.compiled.launch_grid(int(batch))
+        check_launch_shape(self.compiled.entry, g, self._block)
+        return int(batch)
+
+    def _grow_scratch(self, batch: int) -> None:
+        """Make every scratch buffer large enough for ``batch`` (caller holds the lock)."""
+        if not self._scratch or self._programs(batch) <= self._programs(self._scratch_batch):
+            return
+        if torch.cuda.is_current_stream_capturing():
+            raise LaunchArgumentError(
+                f"kernel {self.compiled.entry}: batch {batch} needs larger scratch buffers than any launch so far; "
+                f"launch it once at this batch (or call reserve({batch})) before capturing a CUDA graph")
+        scale_num, scale_den = self._programs(batch), self._programs(self.compiled.batch)
+        new = {}
+        for p in self.compiled.params:
+            if p.kind == "scratch" and p.name in self._scratch:
+                size = -(-p.nbytes * scale_num // scale_den)
+                new[p.name] = torch.zeros(size, dtype=torch.uint8, device=self.device)
+        self._retired.extend(self._scratch.values())
+        self._scratch = new
+        self._scratch_batch = batch
+        self._packer.set_scratch({n: t.data_ptr() for n, t in new.items()})
+
+    def launch(self, args: Mapping[str, Any], stream: Any = None, batch: int | None = None) -> None:
+        """Launch once with ``args`` bound by parameter name, on ``stream`` (default: torch's current stream),
+        for ``batch`` (default: the batch it was built at; see the module docstring).
 
         ``stream`` may be a ``torch.cuda.Stream`` or a raw ``CUstream`` handle (int). Nothing is allocated and
         nothing synchronises, so launches can be captured in a CUDA graph.
         """
         if self._module is None:
             raise KernelBinaryError(f"kernel {self.compiled.entry} was closed")
+        batch = self.compiled.batch if batch is None else self._check_batch(batch)
+        grid = self._grid if batch == self.compiled.batch else self.compiled.launch_grid(batch)
+        if self._batch_scalars:
+            given = self._batch_scalars & set(args)
+            if given:
+                raise LaunchArgumentError(f"kernel {self.compiled.entry}: {sorted(given)} follow the batch; do not "
+                                          f"pass them")
+            args = {**args, **self.compiled.batch_scalar_values(batch)}
         if stream is None:
             handle = torch.cuda.current_stream(self.device).cuda_stream
         elif isinstance(stream, torch.cuda.Stream):
@@ -292,17 +358,18 @@ class LoadedKernel:
                                       f"{type(stream).__name__}")
         drv = self._driver
         with self._lock:
+            self._grow_scratch(batch)
             params = self._packer.pack(args)
             drv.make_current(self.device.index)
-            drv.launch(self._function, self._grid, self._block, self._shared, handle, params,
+            drv.launch(self._function, grid, self._block, self._shared, handle, params,
                        detail=f"kernel {self.compiled.entry}")
 
     __call__ = launch
 
     @property
     def arg_names(self) -> frozenset[str]:
-        """Names ``launch`` expects (every parameter but the scratch buffers)."""
-        return self._packer.arg_names
+        """Names ``launch`` expects (every parameter but the scratch buffers and the batch-derived scalars)."""
+        return self._packer.arg_names - self._batch_scalars
 
     def close(self) -> None:
         """Unload the module (the kernel cannot be launched afterwards)."""
