@@ -9,6 +9,11 @@ A module is a directory::
     README.txt           how to load it
 
 ``verify_module`` re-hashes every file and checks the manifest's structure without a GPU.
+
+A module can be a member of a module set (one directory per aspect ratio beside a ``moduleset.json``, see
+:mod:`sparvar_compiler.emit.moduleset`): its manifest's ``shared_files`` then maps some of its relative paths
+(kernels and layouts that several members use) to a sha256, and the file lives once in the set's pool,
+``../shared/<sha256><suffix>``. :func:`module_file` resolves a path either way.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Any
 from ..errors import SparvarError
 
 MANIFEST = "manifest.json"
+SET_MANIFEST = "moduleset.json"
+SHARED_DIR = "shared"
 FORMAT = "sparvar-module"
-FORMAT_VERSION = 2  # 2: the cs4a section and its dispatch ops
+FORMAT_VERSION = 3  # 2: the cs4a section and its dispatch ops; 3: batch-generic kernels (meta batch, batch_grid)
 
 
 class ModuleError(SparvarError):
@@ -35,6 +42,18 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def shared_path(directory: Path, rel: str, digest: str) -> Path:
+    """Where a member's shared file ``rel`` with ``digest`` lives: the set's pool, named by content."""
+    return directory.parent / SHARED_DIR / f"{digest}{Path(rel).suffix}"
+
+
+def module_file(directory: str | Path, manifest: dict[str, Any], rel: str) -> Path:
+    """The path of a module's file ``rel``: in the module directory, or in its set's pool when shared."""
+    d = Path(directory)
+    digest = (manifest.get("shared_files") or {}).get(rel)
+    return d / rel if digest is None else shared_path(d, rel, str(digest))
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -52,7 +71,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ModuleError(f"{path}: not a sparvar runtime module manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModuleError(f"{path}: module format version {manifest.get('format_version')!r}, this sparvar "
-                          f"reads version {FORMAT_VERSION}")
+                          f"reads version {FORMAT_VERSION}; emit the module again with this sparvar-compile")
     for key in ("model", "plan", "target", "environment", "files", "dispatch", "kernels"):
         if key not in manifest:
             raise ModuleError(f"{path}: manifest has no '{key}'")
@@ -78,10 +97,29 @@ def verify_module(directory: str | Path, gpu: str | None = None) -> dict[str, An
         if actual != digest:
             raise ModuleError(f"file {rel} was modified: sha256 {actual[:16]}... does not match the manifest's "
                               f"{str(digest)[:16]}...")
+    shared = manifest.get("shared_files") or {}
+    if not isinstance(shared, dict):
+        raise ModuleError("manifest 'shared_files' must map relative paths to sha256")
+    if shared and not (d.parent / SET_MANIFEST).is_file():
+        raise ModuleError(f"{d} is a member of a module set (it shares {len(shared)} files with other members) "
+                          f"but {d.parent} has no {SET_MANIFEST}: load or verify the whole set")
+    for rel, digest in sorted(shared.items()):
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel in files:
+            raise ModuleError(f"manifest shares a path it must not: {rel}")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ModuleError(f"shared file {rel}: {digest!r} is not a sha256")
+        p = shared_path(d, rel, digest)
+        if not p.is_file():
+            raise ModuleError(f"missing shared file {rel} ({p.relative_to(d.parent)})")
+        actual = sha256_file(p)
+        if actual != digest:
+            raise ModuleError(f"shared file {p.relative_to(d.parent)} was modified: sha256 {actual[:16]}... does "
+                              f"not match {digest[:16]}...")
     present = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
     extra = sorted(present - set(files))
     if extra:
         raise ModuleError(f"file {extra[0]} is not listed in the manifest")
+    files = {**files, **shared}  # what kernels may refer to
     kernels = manifest["kernels"]
     for entry in manifest["dispatch"]:
         kname = entry.get("kernel")

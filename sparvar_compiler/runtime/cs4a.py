@@ -71,7 +71,8 @@ class CS4ARuntime:
     """The CS4A state and kernels of one loaded module (see the module docstring)."""
 
     def __init__(self, section: dict[str, Any], plan: dict[str, Any], directory: Path, device: torch.device,
-                 fallback: bool):
+                 fallback: bool, files=None):
+        files = files or (lambda rel: directory / rel)  # a module file's path (a set member's may be shared)
         self.mode = section["mode"]
         self.residual = bool(section["residual"])
         self.decision_scale = int(section["decision_scale"])
@@ -85,7 +86,7 @@ class CS4ARuntime:
         self._specs: dict[int, dict] = {}
         for key, entry in section["scales"].items():
             scale = int(key)
-            with np.load(directory / entry["tables_file"], allow_pickle=False) as z:
+            with np.load(files(entry["tables_file"]), allow_pickle=False) as z:
                 arrays = {n: z[n] for n in z.files}
             try:
                 self._tables[scale] = tables_from_data(entry["tables"], arrays)
@@ -93,9 +94,9 @@ class CS4ARuntime:
                 raise ModuleError(f"cs4a tables of scale {scale}: {e}") from None
             self._specs[scale] = entry["spec"]
             if not fallback:
-                self._kernels[scale] = _load(directory, entry, device)
-        self._stats = None if fallback else _load(directory, section["stats"], device)
-        self._topk = None if fallback or "topk" not in section else _load(directory, section["topk"], device)
+                self._kernels[scale] = _load(files, entry, device)
+        self._stats = None if fallback else _load(files, section["stats"], device)
+        self._topk = None if fallback or "topk" not in section else _load(files, section["topk"], device)
         dec = self._tables.get(self.decision_scale)
         if self.mode == "token":
             self.topk = int(next(iter(self._tables.values())).topk)
@@ -114,7 +115,7 @@ class CS4ARuntime:
         B, H = q.shape[:2]
         groups = -(-q.shape[2] // self.group)
         mass = torch.empty(B, H, groups, k.shape[2], dtype=torch.float32, device=q.device)
-        self._stats.launch({"q": q, "k": k, "lse": lse, "mass": mass, "scale": scale})
+        self._stats.launch({"q": q, "k": k, "lse": lse, "mass": mass, "scale": scale}, batch=B)
         return mass
 
     def select(self, mass: torch.Tensor):
@@ -123,7 +124,7 @@ class CS4ARuntime:
             if self._topk is None:
                 return topk_keys(mass, self.topk)
             out = torch.empty(*mass.shape[:-1], self.topk, dtype=torch.int32, device=mass.device)
-            self._topk.launch({"mass": mass, "out": out})
+            self._topk.launch({"mass": mass, "out": out}, batch=mass.shape[0])
             return out
         dec_block = self.group
         return dcsla_select(block_mass(mass, dec_block), self.coverage, self.min_blocks, self.select_capacity)
@@ -149,7 +150,8 @@ class CS4ARuntime:
             res = reference_attention(q, k, v, kernel_tables_mask(t, filled), scale=scale)
             return res if out is None else out.copy_(res)
         out = torch.empty_like(q) if out is None else out
-        self._kernels[scale_index].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **filled})
+        self._kernels[scale_index].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **filled},
+                                          batch=q.shape[0])
         return out
 
     def later(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int, layer: int,
@@ -170,8 +172,8 @@ class CS4ARuntime:
         self._residual.clear()
 
 
-def _load(directory: Path, entry: dict[str, Any], device: torch.device):
+def _load(files, entry: dict[str, Any], device: torch.device):
     from .cubin import LoadedKernel
 
-    compiled = CompiledKernel.from_meta(entry["meta"], (directory / entry["binary"]).read_bytes())
+    compiled = CompiledKernel.from_meta(entry["meta"], files(entry["binary"]).read_bytes())
     return LoadedKernel.load(compiled, device)

@@ -4,7 +4,8 @@ Loading needs torch and the CUDA driver only: the module's cubins are loaded thr
 are npz arrays; nothing is compiled. On a machine without CUDA the module loads in CPU fallback mode, where
 every planned sparse call runs reference attention over the same layouts (for tests and CI).
 
-Calls are CUDA-graph capturable: shapes are fixed by the manifest, kernel launches allocate nothing and never
+Calls are CUDA-graph capturable: shapes are fixed by the manifest (but for the batch, a launch size: any batch
+runs, the kernels being tuned at the manifest's ``batch``), kernel launches allocate nothing and never
 synchronise; pass ``out=`` to avoid even the output allocation.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from ..codegen.artifact import CompiledKernel
 from ..codegen.spec import DTYPES, KernelInputError
-from ..emit.manifest import ModuleError, verify_module
+from ..emit.manifest import ModuleError, module_file, verify_module
 from ..planner.gpus import gpu_from_device_name
 
 
@@ -44,11 +45,14 @@ class SparvarModule:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.fallback = self.device.type != "cuda"
+        # ``batch`` is what the kernels were tuned at; calls take any batch.
         self.batch, self.heads, self.head_dim = m["batch"], m["model"]["heads"], m["model"]["head_dim"]
         self.dtype = DTYPES[m["dtype"]]
         self.default_scale = float(m["softmax_scale"])
         scales = m["plan"]["scales"]
         self._shape = {s["index"]: (s["tokens"], s["kv_len"]) for s in scales}
+        # (tokens, kv_len) -> scale: the KV length grows with every scale, so the pair names one scale.
+        self._by_lengths = {v: k for k, v in self._shape.items()}
         depth = m["model"]["depth"]
         self._ops: list[list[tuple[str, Any]]] = [[("sdpa", None)] * depth for _ in scales]
         if not self.fallback:
@@ -57,28 +61,33 @@ class SparvarModule:
         self._tables: dict[str, dict[str, torch.Tensor]] = {}
         self._masks: dict[str, torch.Tensor] = {}
         for name, k in m["kernels"].items():
-            with np.load(self.directory / k["layout"], allow_pickle=False) as z:
+            with np.load(module_file(self.directory, m, k["layout"]), allow_pickle=False) as z:
                 arrays = {f[len("table_"):]: z[f] for f in z.files if f.startswith("table_")}
             if self.fallback:
                 from ..planner.layout import BlockLayout
 
-                layout = BlockLayout.from_npz(self.directory / k["layout_file"])
+                layout = BlockLayout.from_npz(module_file(self.directory, m, k["layout_file"]))
                 if layout.content_hash() != k["layout_hash"]:
                     raise ModuleError(f"kernel {name}: layout does not match its recorded hash")
                 self._masks[name] = torch.from_numpy(layout.to_token_mask(exact=k["spec"]["token_exact"]))
             else:
                 from .cubin import LoadedKernel
 
-                compiled = CompiledKernel.from_meta(k["meta"], (self.directory / k["binary"]).read_bytes())
+                binary = module_file(self.directory, m, k["binary"]).read_bytes()
+                compiled = CompiledKernel.from_meta(k["meta"], binary)
                 self._kernels[name] = LoadedKernel.load(compiled, self.device)
                 self._tables[name] = {t: torch.from_numpy(a.copy()).to(self.device) for t, a in arrays.items()}
         for row in m["dispatch"]:
             self._ops[row["scale"]][row["layer"]] = (row["op"], row["kernel"])
+        from .op import register
+
+        self.op_key = register(self)  # what torch.ops.sparvar.attention calls this module by
         self.cs4a = None
         if m.get("cs4a"):
             from .cs4a import CS4ARuntime
 
-            self.cs4a = CS4ARuntime(m["cs4a"], m["plan"], self.directory, self.device, self.fallback)
+            self.cs4a = CS4ARuntime(m["cs4a"], m["plan"], self.directory, self.device, self.fallback,
+                                    files=lambda rel: module_file(self.directory, m, rel))
 
     def _check_target(self) -> None:
         target = self.manifest["target"]
@@ -97,6 +106,39 @@ class SparvarModule:
             raise ModuleError(f"module was built for {target['name']} ({target['arch']}, {target['sm_count']} SMs) "
                               f"but this device is {props.name}: {'; '.join(problems)}")
 
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """``(h, w)`` of every scale, coarsest first."""
+        return tuple((s["h"], s["w"]) for s in self.manifest["plan"]["scales"])
+
+    def scale_lengths(self) -> list[tuple[int, int]]:
+        """``(tokens, kv_len)`` of every scale: what a call's q and k lengths must be."""
+        return [self._shape[i] for i in range(len(self._shape))]
+
+    def scale_of(self, q_len: int, kv_len: int) -> int:
+        """The scale whose queries and KV cache have these lengths (what an attention hook knows)."""
+        hit = self._by_lengths.get((int(q_len), int(kv_len)))
+        if hit is None:
+            raise KernelInputError(f"no scale of this module ({self.manifest['model']['name']} "
+                                   f"{self.manifest['plan']['resolution']} px {self.manifest['plan']['aspect']}) has "
+                                   f"{q_len} queries against {kv_len} keys; its scales: {self.scale_lengths()}")
+        return hit
+
+    def reset(self) -> None:
+        """Forget CS4A state (each layer's decision-scale selection): call between images if an image was cut
+        short. A complete image needs nothing (each decision-scale call replaces its layer's selection)."""
+        if self.cs4a is not None:
+            self.cs4a.reset()
+
+    def attention_op(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int, layer_index: int,
+                     scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`attention` through the ``torch.ops.sparvar.attention`` operator (what ``torch.compile``
+        traces as one node)."""
+        from . import op
+
+        return op.attention(q, k, v, self.op_key, int(scale_index), int(layer_index),
+                            self.default_scale if scale is None else float(scale), out)
+
     def op(self, scale_index: int, layer_index: int) -> tuple[str, str | None]:
         """What a call runs: ``("kernel", name)``, ``("sdpa", None)``, ``("cs4a_decision", None)`` (dense plus
         CS4A statistics and selection), ``("cs4a", None)`` (a dynamic CS4A kernel) or ``("skip", None)``."""
@@ -109,14 +151,17 @@ class SparvarModule:
     def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_index: int,
                out: torch.Tensor | None) -> None:
         tokens, kv_len = self._shape[scale_index]
-        want_q = (self.batch, self.heads, tokens, self.head_dim)
-        want_kv = (self.batch, self.heads, kv_len, self.head_dim)
+        if not isinstance(q, torch.Tensor):
+            raise KernelInputError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        batch = q.shape[0] if q.dim() == 4 and q.shape[0] >= 1 else "B"
+        want_q = (batch, self.heads, tokens, self.head_dim)
+        want_kv = (batch, self.heads, kv_len, self.head_dim)
         for name, t, want in (("q", q, want_q), ("k", k, want_kv), ("v", v, want_kv)):
             if not isinstance(t, torch.Tensor):
                 raise KernelInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != want:
                 raise KernelInputError(f"scale {scale_index}: {name} must have shape {want} [batch, heads, tokens, "
-                                       f"head_dim], got {tuple(t.shape)}")
+                                       f"head_dim] (any batch >= 1), got {tuple(t.shape)}")
             if t.dtype != self.dtype:
                 raise KernelInputError(f"{name} must be {self.dtype} (the module was compiled for it), got {t.dtype}")
             if t.device != self.device:
@@ -153,7 +198,8 @@ class SparvarModule:
                 res = reference_attention(q, k, v, self._masks[name], scale=scale)
                 return res if out is None else out.copy_(res)
             out = torch.empty_like(q) if out is None else out
-            self._kernels[name].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **self._tables[name]})
+            self._kernels[name].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **self._tables[name]},
+                                       batch=q.shape[0])
             return out
         res = _dense(q, k, v, scale)
         return res if out is None else out.copy_(res)
