@@ -94,3 +94,16 @@ def gather_density(mask: np.ndarray, block_m: int) -> float:
     padded = np.zeros((qb * block_m, kv_len), dtype=bool)
     padded[:q_len] = mask
     return float(padded.reshape(qb, block_m, kv_len).any(axis=1).sum() / (qb * kv_len))
+
+
+def key_scale_spans(plan: Plan, query_scale: int) -> list[tuple[int, int, int]]:
+    """``(key scale, first token, tokens)`` of every key scale the queries of ``query_scale`` attend to, in KV
+    cache order: scale 0 starts at token 0 and the tokens sum to the scale's ``kv_len``. For pictures of a
+    layout (:meth:`BlockLayout.plot`'s ``key_scales``) and anything else that needs the scale of a key column."""
+    if not 0 <= query_scale < len(plan.grids):
+        raise LayoutError(f"query scale {query_scale} is out of range 0..{len(plan.grids) - 1}")
+    spans, first = [], 0
+    for k, (h, w) in enumerate(plan.grids[: query_scale + 1]):
+        spans.append((k, first, h * w))
+        first += h * w
+    return spans

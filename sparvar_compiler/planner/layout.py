@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import LayoutError
+from ..errors import LayoutError, SparvarError
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -337,25 +338,110 @@ class BlockLayout:
     def __repr__(self) -> str:
         return f"<{self.summary()}, hash {self.content_hash()[:12]}>"
 
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Write a PNG picture of the layout (full, partial and skipped blocks in three colours)."""
-        import matplotlib
+    def plot(self, path: str | Path, title: str | None = None,
+             key_scales: Sequence[tuple[int, int, int]] | None = None,
+             query_spans: Sequence[tuple[int, int, int]] | None = None) -> Path:
+        """Write a PNG picture of the layout: full, partial and skipped blocks in three colours, on axes in
+        token positions.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Parameters
+        ----------
+        path:
+            Where to write the PNG (parent directories are created).
+        title:
+            Wrapped to the figure's width; default :meth:`summary`.
+        key_scales:
+            ``(scale index, first token, tokens)`` per key scale (:func:`~sparvar_compiler.planner.csla.
+            key_scale_spans`): draws a line where each key scale starts and labels the scales on a top axis.
+            Scales narrower than one key block share a label (``0-4``).
+        query_spans:
+            The same for the rows (e.g. a call whose queries span several scales): lines and a right axis.
+
+        Raises
+        ------
+        SparvarError
+            If matplotlib is not installed (``pip install 'sparvar-compiler[plot]'``).
+        """
+        figure = _figure_class()
         from matplotlib.colors import ListedColormap
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
 
         kinds = self.kinds()
-        fig_w = min(16.0, 2.0 + kinds.shape[1] / 12)
-        fig_h = min(12.0, 1.5 + kinds.shape[0] / 12)
-        fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
-        ax.imshow(kinds, cmap=ListedColormap(["#f4f4f4", "#f0a64b", "#1f5fa8"]), vmin=0, vmax=2,
-                  interpolation="nearest", aspect="auto")
-        ax.set_xlabel(f"kv block ({self.block_n} keys)")
-        ax.set_ylabel(f"query block ({self.block_m} queries)")
-        ax.set_title(title or self.summary(), fontsize=9)
-        fig.tight_layout()
+        qb, kb = kinds.shape
+        width_tokens, height_tokens = kb * self.block_n, qb * self.block_m
+        # ~0.065 inch per block (8 pixels at 120 dpi), so 165 x 165 blocks stay readable; clamped for tiny and huge.
+        fig_w = float(np.clip(2.6 + kb * 0.065, 6.5, 14.0))
+        fig_h = float(np.clip(2.4 + qb * 0.065, 4.0, 12.5))
+        fig = figure(figsize=(fig_w, fig_h), dpi=120)
+        ax = fig.add_subplot()
+        colours = ("#f2f2f2", "#f0a64b", "#1f5fa8")
+        ax.imshow(kinds, cmap=ListedColormap(colours), vmin=-0.5, vmax=2.5, interpolation="nearest",
+                  aspect="auto", extent=(0, width_tokens, height_tokens, 0))
+        for end, total, draw in ((self.kv_len, width_tokens, ax.axvline), (self.q_len, height_tokens, ax.axhline)):
+            if end < total:  # the tail of the last block is outside the tensors
+                draw(end, color="#888888", linewidth=0.6, linestyle=":")
+        ax.set_xlim(0, width_tokens)
+        ax.set_ylim(height_tokens, 0)
+        ax.set_xlabel(f"key position (token; {self.kv_blocks} blocks of {self.block_n})", fontsize=8.5)
+        ax.set_ylabel(f"query position (token; {self.q_blocks} blocks of {self.block_m})", fontsize=8.5)
+        ax.tick_params(labelsize=7.5)
+        if key_scales:
+            _scale_axis(ax, key_scales, self.block_n, fig_w, vertical=True)
+        if query_spans:
+            _scale_axis(ax, query_spans, self.block_m, fig_h, vertical=False)
+        n_full, n_partial = int((kinds == FULL).sum()), int((kinds == PARTIAL).sum())
+        n_empty = kinds.size - n_full - n_partial
+        handles = [Patch(facecolor=colours[2], label=f"full: {n_full}"),
+                   Patch(facecolor=colours[1], label=f"partial: {n_partial}"),
+                   Patch(facecolor=colours[0], edgecolor="#999999", linewidth=0.5, label=f"skipped: {n_empty}")]
+        if key_scales or query_spans:
+            handles.append(Line2D([], [], color="black", linewidth=0.9, label="scale boundary"))
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+        wrapped = "\n".join(textwrap.fill(line, width=max(40, int(fig_w * 13)))
+                            for line in (title or self.summary()).splitlines())
+        fig.suptitle(wrapped, fontsize=9.5)
+        top_room = 0.12 + 0.19 * (wrapped.count("\n") + 1) + (0.42 if key_scales else 0.08)
+        fig.subplots_adjust(left=0.8 / fig_w, right=1 - (0.55 if query_spans else 0.25) / fig_w,
+                            bottom=0.85 / fig_h, top=1 - top_room / fig_h)
         out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)
-        plt.close(fig)
         return out
+
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SparvarError("drawing a picture needs matplotlib: pip install 'sparvar-compiler[plot]'") from None
+    return Figure
+
+
+def _scale_axis(ax, spans: Sequence[tuple[int, int, int]], block: int, inches: float, vertical: bool) -> None:
+    """Lines where scales start and a secondary axis naming them. A boundary closer than one block to the last
+    drawn one is not drawn (the sink scales of a 1024 px schedule all sit in the first block); the scales between
+    two drawn lines share one label."""
+    groups: list[list[tuple[int, int, int]]] = []
+    last = None
+    for span in spans:
+        if groups and (span[1] - last < block):
+            groups[-1].append(span)
+            continue
+        groups.append([span])
+        last = span[1]
+    draw = ax.axvline if vertical else ax.axhline
+    for group in groups[1:]:
+        draw(group[0][1], color="black", linewidth=0.9, alpha=0.8)
+    centres = [(g[0][1] + g[-1][1] + g[-1][2]) / 2 for g in groups]
+    labels = [str(g[0][0]) if len(g) == 1 else f"{g[0][0]}-{g[-1][0]}" for g in groups]
+    if vertical:
+        sec = ax.secondary_xaxis("top")
+        sec.set_xticks(centres, labels, fontsize=7.5)
+        sec.set_xlabel("key scale", fontsize=8.5)
+    else:
+        sec = ax.secondary_yaxis("right")
+        sec.set_yticks(centres, labels, fontsize=7.5)
+        sec.set_ylabel("query scale", fontsize=8.5)
+    sec.tick_params(length=0)
