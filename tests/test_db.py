@@ -173,7 +173,7 @@ def check_round_trip(url):
         assert d.workload(workload_key(SPEC)) == resolve_workload(SPEC)
         assert d.target(target_key(H100_PCIE)) == H100_PCIE
         stats = d.stats()
-        assert stats == {"schema_version": SCHEMA_VERSION, "targets": 2, "workloads": 1, "winners": 2,
+        assert stats == {"schema_version": SCHEMA_VERSION, "targets": 2, "workloads": 1, "winners": 2, "studies": 0,
                          "trials": {"total": 4, "valid": 3,
                                     "invalid": {r: int(r == "out_of_resources") for r in INVALID_REASONS}}}
     with TuningDatabase.open(url, readonly=True) as d:  # reopened: everything persisted
@@ -800,6 +800,8 @@ def test_shipped_database_is_a_frozen_current_database_of_the_shipped_exports():
 
 
 def test_user_database_path(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPARVAR_DB", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("SPARVAR_CACHE_DIR", str(tmp_path / "cache"))
     assert user_database_path() == tmp_path / "cache" / "tuning.sqlite"
     with TuningDatabase.open() as d:
@@ -832,6 +834,7 @@ def test_layered_database(tmp_path):
 
 
 def test_layered_open_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPARVAR_DB", raising=False)
     monkeypatch.setenv("SPARVAR_CACHE_DIR", str(tmp_path))
     with LayeredDatabase.open_default() as layered:
         assert [layer.readonly for layer in layered.layers] == [False, True]

@@ -14,7 +14,6 @@ from test_db import (ENV, H100, SPEC, cfg, check_export_import, check_migration_
 from sparvar_compiler.db import TuningDatabase, TuningDatabaseError
 
 
-
 def test_schema_matches_models(postgres_server):
     check_schema_matches_models(postgres_server.create_database(), postgres_server.create_database())
 
@@ -67,3 +66,15 @@ def test_readonly(postgres_url):
         assert d.winner(SPEC, H100).median_ms == 1.0
         with pytest.raises(TuningDatabaseError, match="read-only"):
             d.record_trial(SPEC, H100, cfg(8), [0.5], environment=ENV)
+
+
+def test_tuning_keeps_studies(postgres_url):
+    from test_studies import check_tuning_keeps_studies
+
+    check_tuning_keeps_studies(postgres_url)
+
+
+def test_layered_stats(postgres_url, tmp_path):
+    from test_studies import check_layered_stats
+
+    check_layered_stats(postgres_url, tmp_path)

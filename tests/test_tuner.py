@@ -3,6 +3,7 @@
 import math
 import multiprocessing as mp
 
+import optuna
 import pytest
 
 from sparvar_compiler.codegen.spec import KernelSpec
@@ -10,7 +11,7 @@ from sparvar_compiler.db import TuningDatabase, config_key
 from sparvar_compiler.planner import csla_layout, get_gpu, make_plan
 from sparvar_compiler.tuner.measure import Measurement
 from sparvar_compiler.tuner.runners import ReplayRunner, replay_key
-from sparvar_compiler.tuner.search import Tuner, candidates
+from sparvar_compiler.tuner.search import Tuner, candidates, study_name
 
 GPU = get_gpu("h100")
 
@@ -104,8 +105,10 @@ def _check_shared_study(url):
     assert {r[1] for r in results} == {config_key(best_cfg.to_dict())}
     db = TuningDatabase.open(url)
     trials = db.trials(db.add_workload(spec.to_dict()), db.add_target(GPU.to_dict()))
-    # Every config recorded exactly once across the workers, none lost.
+    # Every config recorded exactly once across the workers, none lost; the study holds each once too.
     assert len(trials) == len({t.config_key for t in trials}) == n
+    study = optuna.load_study(study_name=study_name(spec, GPU), storage=url)
+    assert sorted(t.user_attrs["sparvar_trial_id"] for t in study.get_trials()) == sorted(t.id for t in trials)
     db.close()
 
 
@@ -179,8 +182,8 @@ def test_tune_workers_flag_runs_processes_sharing_one_database(tmp_path, capsys)
     db_path = tmp_path / "shared.sqlite"
     assert main(["tune", "--model", "var-d16", "--gpu", "h100", "--runner", "replay", "--replay", str(replay),
                  "--block-sizes", "32", "--trials", "6", "--db", str(db_path), "--workers", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "[w0]" in out and "[w1]" in out
+    err = capsys.readouterr().err  # the workers' lines are progress: on stderr
+    assert "[w0]" in err and "[w1]" in err
     db = TuningDatabase.open(db_path)
     target = db.add_target(GPU.to_dict())
     for ms, ckey, spec in best.values():

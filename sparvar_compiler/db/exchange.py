@@ -246,9 +246,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def build_shipped_database(path: str | os.PathLike, exports: Iterable[str | os.PathLike | Mapping] = ()) -> Path:
-    """Create the read-only database that ships with the package: a fresh database holding ``exports``,
-    frozen to one self-contained file (:func:`~.store.freeze_sqlite`) and moved into place atomically."""
+def build_shipped_database(path: str | os.PathLike, exports: Iterable[str | os.PathLike | Mapping] = (), *,
+                           studies: bool = True, progress=None) -> Path:
+    """Create the read-only database that ships with the package: a fresh database holding ``exports``, with
+    (``studies``) one Optuna study per workload and target holding all of its trials
+    (:func:`sparvar_compiler.tuner.plan.record_studies`), frozen to one self-contained, vacuumed file without a
+    WAL (:func:`~.store.freeze_sqlite`) and moved into place atomically.
+
+    ``python -m sparvar_compiler.db build-shipped`` rebuilds ``tuning_db/sparvar.sqlite`` from
+    ``tuning_db/winners-*.json``.
+    """
+    from .studies import release_storage
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
@@ -259,6 +268,15 @@ def build_shipped_database(path: str | os.PathLike, exports: Iterable[str | os.P
         with TuningDatabase.open(tmp) as db:
             for source in exports:
                 import_json(db, source)
+            if studies:
+                # Naming studies after the plans that yield their workloads needs the planner: imported here,
+                # so that reading and writing records never does.
+                from ..tuner.plan import record_studies
+
+                try:
+                    record_studies(db, progress=progress)
+                finally:
+                    release_storage(db.storage_url)
         freeze_sqlite(tmp)
         os.replace(tmp, path)
     finally:

@@ -8,11 +8,14 @@ Where the files are
 -------------------
 * :func:`shipped_database_path` - ``sparvar_compiler/tuning_db/sparvar.sqlite``, package data, opened
   read-only (and immutable, so no ``-wal``/``-shm`` files are created beside it).
-* :func:`user_database_path` - ``$SPARVAR_CACHE_DIR/tuning.sqlite`` or ``~/.cache/sparvar/tuning.sqlite``:
-  where :meth:`TuningDatabase.open` writes when no URL or path is given.
+* :func:`user_database_path` - ``$SPARVAR_CACHE_DIR/tuning.sqlite``, else
+  ``$XDG_CACHE_HOME/sparvar/tuning.sqlite``, else ``~/.cache/sparvar/tuning.sqlite``.
+* :func:`default_database_url` - ``$SPARVAR_DB`` (a URL or path, so that a PostgreSQL password need not be on a
+  command line), else the user database: what :meth:`TuningDatabase.open` and
+  :meth:`LayeredDatabase.open_default` open when no URL or path is given.
 
 :class:`LayeredDatabase` reads winners from the user database first and the shipped one second, and writes
-only to the user database.
+only to the user database; :meth:`LayeredDatabase.stats` shows which winner each layer supplies.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .keys import (canonical_json, config_key, resolve_config, resolve_target, r
 from .migrations import check_supported, schema_version, upgrade
 from .schema import (INVALID_REASONS, SCHEMA_VERSION, CorruptRecordError, EnvironmentMismatchError,
                      SchemaVersionError, Target, Trial, TuningDatabaseError, Winner, Workload, utcnow)
+from .studies import read_study_attrs, release_storage
 
 BUSY_TIMEOUT_MS = 30_000
 _WRITE = "sparvar_write"  # execution option: begin SQLite transactions with BEGIN IMMEDIATE
@@ -54,10 +58,20 @@ _NATIVE_UPSERT = {"sqlite": sqlite_insert, "postgresql": pg_insert}
 
 
 def user_database_path() -> Path:
-    """``$SPARVAR_CACHE_DIR/tuning.sqlite``, else ``~/.cache/sparvar/tuning.sqlite``."""
+    """``$SPARVAR_CACHE_DIR/tuning.sqlite``, else ``$XDG_CACHE_HOME/sparvar/tuning.sqlite``, else
+    ``~/.cache/sparvar/tuning.sqlite`` (empty variables count as unset)."""
     root = os.environ.get("SPARVAR_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "sparvar"
-    return base / "tuning.sqlite"
+    if root:
+        return Path(root).expanduser() / "tuning.sqlite"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "sparvar" / "tuning.sqlite"
+
+
+def default_database_url() -> str:
+    """The tuning database used when none is named: ``$SPARVAR_DB`` (a SQLAlchemy URL or a file path) if set,
+    else :func:`user_database_path`."""
+    return os.environ.get("SPARVAR_DB") or str(user_database_path())
 
 
 def shipped_database_path() -> Path:
@@ -287,7 +301,7 @@ class TuningDatabase:
         ----------
         url_or_path:
             A file path or ``sqlite:///path`` URL (a SQLite file in WAL mode), any other SQLAlchemy URL such as
-            ``postgresql+psycopg://user@host:5432/db``, or None for :func:`user_database_path`.
+            ``postgresql+psycopg://user@host:5432/db``, or None for :func:`default_database_url`.
         readonly:
             Refuse writes; the database must exist and be at the current schema version.
 
@@ -299,7 +313,7 @@ class TuningDatabase:
             Anything else that keeps it from opening.
         """
         if url_or_path is None:
-            url_or_path = user_database_path()
+            url_or_path = default_database_url()
         text = os.fspath(url_or_path)
         if "://" not in text:
             path = Path(text).expanduser()
@@ -319,6 +333,9 @@ class TuningDatabase:
         return cls(_sqlite_engine(path, readonly=True, immutable=True), str(path), readonly=True)
 
     def close(self) -> None:
+        """Close the connections to the database (and to its Optuna study storage, if this process opened
+        it)."""
+        release_storage(self.storage_url)
         self._base.dispose()
 
     def __enter__(self) -> "TuningDatabase":
@@ -472,9 +489,16 @@ class TuningDatabase:
                              .order_by(Winner.workload_key, Winner.target_key))
             return [tuple(r) for r in rows]
 
+    def studies(self) -> dict[str, dict[str, Any]]:
+        """``{name: user attributes}`` of the Optuna studies stored beside the records
+        (:mod:`.studies`; read without Optuna)."""
+        with self._engine.connect() as conn:
+            return read_study_attrs(conn)
+
     def stats(self) -> dict[str, Any]:
-        """Counts: ``targets``, ``workloads``, ``winners``, and ``trials`` as ``{"total", "valid",
-        "invalid": {reason: n for every reason}}``, plus ``schema_version``."""
+        """Counts: ``targets``, ``workloads``, ``winners``, ``studies`` (Optuna's, beside the records), and
+        ``trials`` as ``{"total", "valid", "invalid": {reason: n for every reason}}``, plus ``schema_version``."""
+        studies = len(self.studies())
         with self._reading() as s:
             count = lambda model: s.scalar(select(func.count()).select_from(model))  # noqa: E731
             rows = s.execute(select(Trial.reason, func.count()).where(Trial.valid.is_(False))
@@ -482,7 +506,7 @@ class TuningDatabase:
             by_reason = {reason: n for reason, n in rows}
             valid = s.scalar(select(func.count()).select_from(Trial).where(Trial.valid.is_(True)))
             out = {"schema_version": schema_version(s.connection()), "targets": count(Target),
-                   "workloads": count(Workload), "winners": count(Winner)}
+                   "workloads": count(Workload), "winners": count(Winner), "studies": studies}
         invalid = {r: by_reason.pop(r, 0) for r in INVALID_REASONS}
         invalid.update(by_reason)  # reasons only a corrupt row could hold stay visible
         out["trials"] = {"total": valid + sum(invalid.values()), "valid": valid, "invalid": invalid}
@@ -627,8 +651,8 @@ class LayeredDatabase:
 
     @classmethod
     def open_default(cls, user: str | os.PathLike | None = None, shipped: bool = True) -> "LayeredDatabase":
-        """The user database (``user`` or :func:`user_database_path`) over the shipped one, if present."""
-        top = TuningDatabase.open(user)
+        """The user database (``user`` or :func:`default_database_url`) over the shipped one, if present."""
+        top = TuningDatabase.open(user if user is not None else default_database_url())
         path = shipped_database_path() if shipped else None
         if path is not None and path.is_file():
             try:
@@ -658,6 +682,73 @@ class LayeredDatabase:
             raise refused
         return None
 
+    def stats(self, environment: Mapping[str, Any] | None = None, *, backends: Sequence[str] = ("triton",),
+              block_sizes: Sequence[int] = (64, 128), match_plans: bool = True) -> dict[str, Any]:
+        """What a compile reads: every layer and every winner, which layer supplies it and which it shadows.
+
+        Parameters
+        ----------
+        environment:
+            Where kernels will be built (:func:`~.environment.collect_environment`): a winner a hard mismatch
+            refuses is marked ``refused`` and the next layer's supplies its workload, as in :meth:`winner`.
+        backends, block_sizes:
+            What compile chooses among (its defaults), for ``picked``.
+        match_plans:
+            Find the model and scale of a winner whose database has no study for it by matching its workload
+            against the registered models' default plans (imports the planner and torch).
+
+        Returns
+        -------
+        dict
+            ``layers``: per layer ``index``, ``url``, ``readonly`` and :meth:`TuningDatabase.stats`.
+            ``targets``: ``{gpu: {"name", "arch", "sm_count", "models": {model: [winner, ...]}}}``, where ``gpu``
+            is the target's name (with its arch and SM count if two targets share a name) and each winner is
+            ``{"model", "resolution", "aspect", "scale", "backend", "kind", "dynamic", "block_m", "block_n",
+            "q_len", "kv_len", "heads", "batch", "median_ms", "config", "trial_id", "study", "layer", "source",
+            "workload_key", "target_key", "shadowed", "refused", "picked"}``: ``layer``/``source`` the layer it
+            is read from, ``shadowed`` true when an earlier layer supplies its workload, ``refused`` the hard
+            mismatch that passes it over (else None), ``picked`` true for the kernel compile chooses for its
+            model, image and scale (None where the model is unknown).
+            ``summary``: counts of ``winners`` (supplied), ``shadowed``, ``refused`` and ``picked``.
+        """
+        layers = [{"index": i, "url": layer.url, "readonly": layer.readonly, **layer.stats()}
+                  for i, layer in enumerate(self.layers)]
+        contexts = _winner_contexts(self.layers)
+        entries: list[dict[str, Any]] = []
+        pairs = list(dict.fromkeys(pair for layer in self.layers for pair in layer.winner_keys()))
+        for wk, tk in pairs:
+            supplied = False
+            for i, layer in enumerate(self.layers):
+                refused = None
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", SoftMismatchWarning)
+                        record = layer.winner(wk, tk, environment)
+                except EnvironmentMismatchError as e:
+                    refused, record = str(e), layer.winner(wk, tk)
+                if record is None:
+                    continue
+                spec, target = layer.workload(wk), layer.target(tk)
+                ctx = contexts.get((wk, tk)) or contexts.get((wk, None)) or {}
+                entries.append({
+                    "model": ctx.get("model"), "resolution": ctx.get("resolution"), "aspect": ctx.get("aspect"),
+                    "scale": ctx.get("scale"), "backend": spec["backend"], "kind": spec["kind"],
+                    "dynamic": bool(spec.get("dynamic", False)), "block_m": spec["block_m"],
+                    "block_n": spec["block_n"], "q_len": spec["q_len"], "kv_len": spec["kv_len"],
+                    "heads": spec["heads"], "batch": spec["batch"], "median_ms": record.median_ms,
+                    "config": record.config, "trial_id": record.id, "study": record.study, "layer": i,
+                    "source": layer.url, "workload_key": wk, "target_key": tk, "target": target, "_spec": spec,
+                    "shadowed": supplied and refused is None, "refused": refused, "picked": None})
+                supplied = supplied or refused is None
+        if match_plans and any(e["model"] is None for e in entries):
+            _match_plans(entries)
+        _mark_picked(entries, tuple(backends), tuple(block_sizes))
+        return {"layers": layers, "targets": _group_by_target(entries),
+                "summary": {"winners": sum(not e["shadowed"] and e["refused"] is None for e in entries),
+                            "shadowed": sum(e["shadowed"] for e in entries),
+                            "refused": sum(e["refused"] is not None for e in entries),
+                            "picked": sum(bool(e["picked"]) for e in entries)}}
+
     def record_trial(self, *args, **kwargs) -> int:
         """:meth:`TuningDatabase.record_trial` on the writable layer."""
         return self.user.record_trial(*args, **kwargs)
@@ -674,3 +765,79 @@ class LayeredDatabase:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------------- layered stats
+
+_CONTEXT_FIELDS = ("model", "resolution", "aspect", "scale")
+
+
+def _winner_contexts(layers: Sequence[TuningDatabase]) -> dict[tuple[str, str | None], dict[str, Any]]:
+    """Model, image and scale per (workload key, target key) - and per (workload key, None) for any target -
+    from the user attributes of the layers' studies (``"unknown"`` ones left out); earlier layers first."""
+    out: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for layer in layers:
+        try:
+            studies = layer.studies()
+        except SQLAlchemyError:  # unreadable Optuna tables only cost the names
+            continue
+        for attrs in studies.values():
+            wk, tk = attrs.get("workload_key"), attrs.get("target_key")
+            if not isinstance(wk, str) or attrs.get("model") in (None, "unknown"):
+                continue
+            ctx = {k: attrs.get(k) for k in _CONTEXT_FIELDS}
+            out.setdefault((wk, tk), ctx)
+            out.setdefault((wk, None), ctx)
+    return out
+
+
+def _match_plans(entries: list[dict[str, Any]]) -> None:
+    """Fill the model, image and scale of entries without them from the registered models' default plans."""
+    from ..tuner.plan import workload_contexts  # the planner (and torch): only when a winner has no study
+
+    found = workload_contexts({e["workload_key"]: e["_spec"] for e in entries if e["model"] is None})
+    for e in entries:
+        ctx = found.get(e["workload_key"])
+        if e["model"] is None and ctx is not None:
+            e.update(model=ctx.model, resolution=ctx.resolution, aspect=ctx.aspect, scale=ctx.scale)
+
+
+def _mark_picked(entries: list[dict[str, Any]], backends: tuple[str, ...], block_sizes: tuple[int, ...]) -> None:
+    """``picked``: per target, model, image and scale, the fastest supplied static winner among ``backends``
+    and square ``block_sizes`` (as the emitter chooses), and the dynamic CS4A winner (Triton only)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for e in entries:
+        if e["model"] is None:
+            continue
+        e["picked"] = False
+        if e["shadowed"] or e["refused"] is not None or e["backend"] not in backends:
+            continue
+        if not e["dynamic"] and (e["block_m"] != e["block_n"] or e["block_m"] not in block_sizes):
+            continue
+        if e["dynamic"] and e["backend"] != "triton":
+            continue
+        group = (e["target_key"], e["model"], e["resolution"], e["aspect"], e["scale"], e["dynamic"], e["batch"])
+        if group not in best or e["median_ms"] < best[group]["median_ms"]:
+            best[group] = e
+    for e in best.values():
+        e["picked"] = True
+
+
+def _group_by_target(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    names: dict[str, set[str]] = {}
+    for e in entries:
+        names.setdefault(e["target"]["name"], set()).add(e["target_key"])
+    out: dict[str, dict[str, Any]] = {}
+
+    def order(e: dict[str, Any]) -> tuple:
+        return (str(e["resolution"]), str(e["aspect"]), e["scale"] if isinstance(e["scale"], int) else -1,
+                e["dynamic"], e["backend"], e["block_m"], e["block_n"], e["layer"])
+
+    for e in sorted(entries, key=order):
+        target = e.pop("target")
+        e.pop("_spec", None)
+        label = target["name"] if len(names[target["name"]]) == 1 else (
+            f"{target['name']} ({target['arch']}, {target['sm_count']} SMs)")
+        group = out.setdefault(label, {**target, "models": {}})
+        group["models"].setdefault(e["model"] or "unknown", []).append(e)
+    return {k: {**v, "models": dict(sorted(v["models"].items()))} for k, v in sorted(out.items())}

@@ -23,6 +23,7 @@ the base config unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -333,14 +334,65 @@ def _even_subset(layers: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(layers[i] for i in idx)
 
 
+def default_study_name(plan: Plan) -> str:
+    """``calibrate/<model>/<resolution>px-<aspect>``: the study :func:`calibrate` keeps in a storage by default."""
+    return f"calibrate/{plan.model}/{plan.resolution}px-{plan.aspect}"
+
+
+def _storage_url(storage: str) -> str:
+    """A SQLAlchemy URL as it is; a file path as the SQLite URL of that file."""
+    return storage if "://" in storage else f"sqlite:///{Path(storage).expanduser().resolve()}"
+
+
+def _search_distributions(space: SearchSpace, depth: int) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    return {"decision_scale": CategoricalDistribution(list(space.decision_scales)),
+            "bound_layer": IntDistribution(0, depth),
+            "window_growth": CategoricalDistribution(list(space.window_growth)),
+            "window_extra_scales": CategoricalDistribution(list(space.window_extra_scales)),
+            "block": CategoricalDistribution(list(space.blocks)),
+            "topk_fraction": CategoricalDistribution(list(space.topk_fractions))}
+
+
+def _open_calibration_study(storage: str | None, name: str | None, sampler, base_plan: Plan, space: SearchSpace,
+                            attrs: dict[str, Any]):
+    """An in-memory study, or (``storage``) the study ``name`` there, created or continued: its earlier trials
+    inform the sampler. A kept study searched over another space is refused (Optuna cannot mix them)."""
+    import optuna
+
+    if storage is None:
+        return optuna.create_study(direction="minimize", sampler=sampler, study_name=name)
+    url = _storage_url(storage)
+    study = optuna.create_study(storage=url, study_name=name, direction="minimize", sampler=sampler,
+                                load_if_exists=True)
+    ours = _search_distributions(space, base_plan.depth)
+    for t in study.get_trials(deepcopy=False):
+        differ = sorted(k for k, d in t.distributions.items() if k in ours and d != ours[k])
+        if differ:
+            raise SparvarError(f"the Optuna study {name!r} in {storage} was searched over other values of "
+                               f"{', '.join(differ)}; give this search another study name")
+    for k, v in attrs.items():
+        if study.user_attrs.get(k) != v:
+            study.set_user_attr(k, v)
+    return study
+
+
 def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), trials: int = 40,
               search_layers: int = 0, query_sample: int = 128, space: SearchSpace | None = None, seed: int = 0,
               max_verify: int = 3, layers: tuple[int, ...] | None = None,
-              progress: Callable[[str], None] | None = print) -> CalibrationResult:
+              progress: Callable[[str], None] | None = print, storage: str | None = None,
+              study_name: str | None = None) -> CalibrationResult:
     """Search for the cheapest plan config meeting ``floor`` on ``source`` (see the module docstring).
 
     ``base_plan`` gives the model, schedule and every option not searched. ``search_layers`` caps the layers the
     search reads (evenly spaced; 0 = all); verification reads all of them.
+
+    ``storage`` (an Optuna/SQLAlchemy URL such as a tuning database's, or a SQLite file path) keeps the search's
+    Optuna study there under ``study_name`` (default :func:`default_study_name`), with the model, image, floor
+    and data as user attributes and each trial's mass (and error) as trial attributes, so ``optuna-dashboard``
+    shows it. Running again with the same name continues the study: the earlier trials guide the sampler (they
+    count only if they were made on the same data), and the verified candidates are this run's.
     """
     import optuna
 
@@ -427,6 +479,10 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
             trial.set_constraint("fidelity_floor", viol)  # <= 0: feasible
         else:
             trial.set_user_attr("constraint", (viol,))
+        trial.set_user_attr("mass", mass)
+        if err is not None:
+            trial.set_user_attr("rel_error", err)
+        trial.set_user_attr("feasible", bool(viol <= 0))
         candidates.append(Candidate(params, cfg, block, cost, mass, err, viol <= 0))
         if progress:
             progress(f"  trial {trial.number:3d}: cost {100 * cost:5.1f}%  mass {mass:.4f}"
@@ -439,13 +495,20 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
     new_constraints = hasattr(optuna.trial.Trial, "set_constraint")
     extra = {} if new_constraints else {"constraints_func": lambda t: t.user_attrs["constraint"]}
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, trials // 3)), **extra)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    name = study_name or (default_study_name(base_plan) if storage is not None else None)
+    study = _open_calibration_study(storage, name, sampler, base_plan, space, {
+        "model": base_plan.model, "resolution": base_plan.resolution, "aspect": base_plan.aspect,
+        "floor": floor.describe(), "min_mass": floor.min_mass, "max_rel_error": floor.max_rel_error,
+        "aggregate": floor.aggregate, "query_sample": query_sample, "search_layers": list(layers),
+        "data": json.loads(json.dumps(source.describe(), default=str)),
+        "objective": "attention cost (fraction of dense (query, key) pairs)"})
     S0 = base.decision_scale if base.decision_scale in space.decision_scales else space.decision_scales[-1]
     mid = {"window_growth": space.window_growth[0], "window_extra_scales": space.window_extra_scales[0],
            "block": space.blocks[-1], "topk_fraction": min(space.topk_fractions, key=lambda x: abs(x - 0.2))}
-    # Seed the search with SparVAR's published shape and the two ends (all CSLA, all CS4A).
+    # Seed the search with SparVAR's published shape and the two ends (all CSLA, all CS4A); a continued study
+    # has them already.
     for bound in (base.bound_layer, 0, depth):
-        study.enqueue_trial({"decision_scale": S0, "bound_layer": bound, **mid})
+        study.enqueue_trial({"decision_scale": S0, "bound_layer": bound, **mid}, skip_if_exists=True)
     study.optimize(objective, n_trials=trials)
 
     # Verify the cheapest feasible candidates on every layer of the data.

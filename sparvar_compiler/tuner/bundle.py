@@ -9,6 +9,10 @@
 3. Ingest: the results file drives :class:`~.runners.ReplayRunner` through the normal tuner
    (``sparvar-compile tune --runner replay --replay RESULTS``), which records every trial in the database.
 
+Given the database the results will be ingested into (``db``), ``build_bundle`` also creates the Optuna study of
+every bundled workload there, named and described after the plan (:func:`~.search.open_study`), so that
+``optuna-dashboard`` lists the studies while the GPU host measures and the replay then fills them.
+
     python -m sparvar_compiler.tuner.bundle measure BUNDLE_DIR --out results.json     # on the GPU host
 """
 
@@ -26,58 +30,84 @@ import numpy as np
 from ..codegen.artifact import CompiledKernel
 from ..codegen.spec import KernelConfig, KernelConfigError, KernelSpec
 from ..planner.gpus import GpuSpec
-from ..planner.layout import BlockLayout
 from .measure import Measurement
 
 FORMAT = "sparvar-bundle"
 
 
-def build_bundle(tasks: list[tuple[KernelSpec, BlockLayout]], gpu: GpuSpec, out: str | Path,
-                 max_candidates: int | None = None, progress: Callable[[str], None] = print) -> Path:
-    """Compile the candidates of every (spec, layout) for ``gpu`` into ``out``; returns the bundle.json path."""
+def build_bundle(tasks: list[tuple], gpu: GpuSpec, out: str | Path, max_candidates: int | None = None,
+                 progress: Callable[[str], None] = print, db=None, storage: str | None = None) -> Path:
+    """Compile the candidates of every task for ``gpu`` into ``out``; returns the bundle.json path.
+
+    Parameters
+    ----------
+    tasks:
+        ``(spec, layout)`` or ``(spec, layout, context)`` with a :class:`~.search.StudyContext`
+        (:func:`~.plan.plan_tasks` gives them for a plan).
+    max_candidates:
+        The first candidates of each workload's space (default config first); all of them by default.
+    db, storage:
+        The database (a :class:`~sparvar_compiler.db.TuningDatabase`, URL or path) the results will be ingested
+        into, and the Optuna storage URL of its studies (default: the database's URL): each bundled workload's
+        study is created there. None: no studies (the replay creates them).
+    """
     # Build-side imports; the measure side (a GPU host) needs neither the database nor a compiler.
+    from ..db import TuningDatabase
     from ..db.keys import config_key, workload_key
     from ..emit.emitter import host_tables
     from .runners import backend_module
-    from .search import candidates
+    from .search import candidates, open_study
 
     out = Path(out)
     (out / "kernels").mkdir(parents=True, exist_ok=True)
     (out / "workloads").mkdir(exist_ok=True)
     doc = {"format": FORMAT, "format_version": 1, "target": gpu.to_dict(), "workloads": []}
-    for spec, layout in tasks:
-        if spec.dynamic:
-            # Dynamic CS4A tables are filled on the measuring host; the bundle format carries static tables only.
-            progress(f"skipping the dynamic CS4A kernel of {spec.q_len}x{spec.kv_len}: tune it with the local runner")
-            continue
-        mod = backend_module(spec.backend)
-        wkey = workload_key(spec.to_dict())
-        mask = mod.kernel_mask(spec, layout) if hasattr(mod, "kernel_mask") else layout.to_token_mask(
-            exact=spec.token_exact)
-        arrays = {f"table_{k}": v for k, v in host_tables(spec, layout).items()}
-        np.savez_compressed(out / "workloads" / f"{wkey[:16]}.npz", mask=np.packbits(mask, axis=1),
-                            mask_shape=np.array(mask.shape), **arrays)
-        entry = {"spec": spec.to_dict(), "data": f"workloads/{wkey[:16]}.npz", "candidates": []}
-        configs = candidates(spec, gpu)[: max_candidates or None]
-        for i, config in enumerate(configs, start=1):
-            ckey = config_key(config.to_dict())
-            t0 = time.perf_counter()
-            try:
-                compiled = mod.compile_for_target(spec, config, layout, gpu)
-            except KernelConfigError as e:
-                entry["candidates"].append({"config": config.to_dict(), "reason": "out_of_resources",
-                                            "detail": str(e)[:300]})
+    opened = TuningDatabase.open(db) if db is not None and not isinstance(db, TuningDatabase) else db
+    try:
+        for task in tasks:
+            spec, layout = task[0], task[1]
+            context = task[2] if len(task) > 2 else None
+            if spec.dynamic:
+                # Dynamic CS4A tables are filled on the measuring host; the bundle carries static tables only.
+                progress(f"skipping the dynamic CS4A kernel of {spec.q_len}x{spec.kv_len}: tune it with the local "
+                         "runner")
                 continue
-            except Exception as e:  # noqa: BLE001 - a compile failure is recorded, the bundle goes on
-                entry["candidates"].append({"config": config.to_dict(), "reason": "compile_error",
-                                            "detail": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            name = f"kernels/{wkey[:16]}_{ckey[:16]}.json"
-            (out / name).write_text(json.dumps(compiled.to_json_dict()))
-            entry["candidates"].append({"config": config.to_dict(), "kernel": name})
-            progress(f"  [{spec.backend}/{spec.kind} {spec.q_len}x{spec.kv_len} {spec.block_m}x{spec.block_n}] "
-                     f"candidate {i}/{len(configs)} compiled in {time.perf_counter() - t0:.1f} s")
-        doc["workloads"].append(entry)
+            mod = backend_module(spec.backend)
+            wkey = workload_key(spec.to_dict())
+            mask = mod.kernel_mask(spec, layout) if hasattr(mod, "kernel_mask") else layout.to_token_mask(
+                exact=spec.token_exact)
+            arrays = {f"table_{k}": v for k, v in host_tables(spec, layout).items()}
+            np.savez_compressed(out / "workloads" / f"{wkey[:16]}.npz", mask=np.packbits(mask, axis=1),
+                                mask_shape=np.array(mask.shape), **arrays)
+            entry = {"spec": spec.to_dict(), "data": f"workloads/{wkey[:16]}.npz", "candidates": []}
+            space = candidates(spec, gpu)
+            if opened is not None:
+                opened.add_workload(spec.to_dict())
+                opened.add_target(gpu.to_dict())
+                entry["study"] = open_study(opened, spec, gpu, context, storage, space).name
+            configs = space[: max_candidates or None]
+            for i, config in enumerate(configs, start=1):
+                ckey = config_key(config.to_dict())
+                t0 = time.perf_counter()
+                try:
+                    compiled = mod.compile_for_target(spec, config, layout, gpu)
+                except KernelConfigError as e:
+                    entry["candidates"].append({"config": config.to_dict(), "reason": "out_of_resources",
+                                                "detail": str(e)[:300]})
+                    continue
+                except Exception as e:  # noqa: BLE001 - a compile failure is recorded, the bundle goes on
+                    entry["candidates"].append({"config": config.to_dict(), "reason": "compile_error",
+                                                "detail": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                name = f"kernels/{wkey[:16]}_{ckey[:16]}.json"
+                (out / name).write_text(json.dumps(compiled.to_json_dict()))
+                entry["candidates"].append({"config": config.to_dict(), "kernel": name})
+                progress(f"  [{spec.backend}/{spec.kind} {spec.q_len}x{spec.kv_len} {spec.block_m}x"
+                         f"{spec.block_n}] candidate {i}/{len(configs)} compiled in {time.perf_counter() - t0:.1f} s")
+            doc["workloads"].append(entry)
+    finally:
+        if opened is not None and opened is not db:
+            opened.close()
     path = out / "bundle.json"
     path.write_text(json.dumps(doc, indent=1, sort_keys=True))
     return path

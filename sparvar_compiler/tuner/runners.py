@@ -2,7 +2,8 @@
 
 * :class:`LocalRunner` builds the kernel in this process and checks and times it on the local GPU.
 * :class:`ReplayRunner` serves recorded measurements (from a JSON file of earlier runs), so the whole tuner,
-  database and emitter run in CPU CI; a candidate it has no record of is invalid (``not_recorded``).
+  database and emitter run in CPU CI; a candidate it has no record of is invalid (``not_recorded``, never
+  stored). The tuner records what it serves, and keeps the workload's Optuna study, as for any runner.
 * Build here / measure there lives in :mod:`sparvar_compiler.tuner.bundle`.
 
 Every runner answers ``measure(spec, config, layout) -> Measurement``.
