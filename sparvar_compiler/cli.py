@@ -1,102 +1,197 @@
 """Command line: ``sparvar-compile``.
 
 ``sparvar-compile --model infinity-8b --gpu h100`` is the main job (``compile``); other stages are sub-commands
-(``plan``, ``models``, ``gpus``). Input errors print one line naming the problem and exit with status 2.
+(``plan``, ``tune``, ``verify``, ``inspect``, ``db``, ``models``, ``gpus``, ``doctor``, ``fidelity``,
+``calibrate``).
+
+Output contract, every verb: results go to stdout; progress and notes go to stderr (a progress bar when stderr
+is a terminal, plain lines otherwise). With ``--json`` stdout holds exactly one JSON document (no NaN or
+Infinity: a missing or infinite number is ``null``). Exit status: 0 success; 1 a check failed (``verify`` or
+``inspect`` of a bad module, a failed tuning worker); 2 a usage or input error (one line naming the problem);
+130 interrupted.
+
+``SPARVAR_DB`` is the database URL of every verb taking ``--db`` (the flag wins), so that a PostgreSQL password
+stays off the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import __version__
+from .cli_args import DB_ENV, add_plan_args, database_url, mask_url, plan_from_args
 from .errors import PlanConfigError, SparvarError
-from .planner import (PlanConfig, csla_layout, format_summary, get_gpu, get_model, list_gpus, list_models,
-                      load_config_file, make_plan, plan_summary)
+from .planner import (csla_layout, format_summary, get_gpu, get_model, list_gpus, list_models, plan_summary)
 from .planner.layout import check_block_size
 
-COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus", "fidelity", "calibrate")
+COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus", "doctor", "fidelity",
+            "calibrate")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Dependencies by import name, and how to install each: an extra of ours, or the package (a missing one is an
+# environment problem reported in one line, not a traceback).
+EXTRAS = {"matplotlib": "plot", "psycopg": "postgres", "psycopg2": "postgres", "tvm": "tvm", "tvm_ffi": "tvm"}
+REQUIRED = {"sqlalchemy": "sqlalchemy", "optuna": "optuna", "jinja2": "jinja2", "yaml": "pyyaml",
+            "triton": "triton", "torch": "torch", "numpy": "numpy", "tqdm": "tqdm", "alembic": "alembic"}
+
+EPILOG = f"""\
+Without a sub-command, runs 'compile': sparvar-compile --model infinity-8b --gpu h100
+
+output:
+  results go to stdout; progress and notes to stderr (a progress bar on a terminal). With --json, stdout holds
+  exactly one JSON document.
+
+environment:
+  {DB_ENV}            your tuning database (URL or path) for every verb taking --db, in place of the cache
+                        database: tune and db import/export use it, compile and db stats read it over the
+                        shipped one. --db wins and is used alone. E.g. postgresql+psycopg://user:pw@host/tuning:
+                        the password stays off the command line
+  SPARVAR_CACHE_DIR     directory of the cache database tuning.sqlite (default $XDG_CACHE_HOME/sparvar, else
+                        ~/.cache/sparvar)
+
+exit status:
+  0    success
+  1    a check failed: verify/inspect of a bad module (ModuleError), a failed tuning worker
+  2    usage or input error (unknown model or GPU, bad flag, missing file, missing dependency)
+  130  interrupted
+
+'sparvar-compile doctor' shows versions, the GPU, the database paths and what each feature is missing."""
 
 
-def _windows(text: str) -> tuple[int, ...]:
-    """``"-1x8,1,1,3,5,7"``: comma-separated windows, ``VxN`` repeats ``V`` ``N`` times."""
-    out: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        value, _, count = part.partition("x")
-        try:
-            out += [int(value)] * (int(count) if count else 1)
-        except ValueError:
-            raise PlanConfigError(f"--windows: {part!r} is not a window (an integer, or VALUExCOUNT)") from None
-    return tuple(out)
+# ---------------------------------------------------------------------------------------------- output
+def note(text: str) -> None:
+    """A note or progress line: stderr, never stdout (stdout holds results)."""
+    print(text, file=sys.stderr, flush=True)
 
 
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=f"registry name ({', '.join(list_models())}) or a model .yaml")
-    p.add_argument("--resolution", help="image side in pixels (1024, 768, 512, 256) or 1M/0.60M/0.25M/0.06M")
-    p.add_argument("--aspect", help="height:width ratio, e.g. 1:1, 4:3, 3:4 or 1.333 (default 1:1)")
-    p.add_argument("--plan-config", type=Path, help="YAML file of plan options (flags below override it)")
-    g = p.add_argument_group("plan options (defaults: see README)")
-    g.add_argument("--decision-scale", type=int)
-    g.add_argument("--bound-layer", type=int)
-    g.add_argument("--sink-scales", type=int, help="number of leading scales kept whole")
-    g.add_argument("--windows", type=_windows, help="per key scale, e.g. --windows=-1x8,1,1,3,5,7")
-    g.add_argument("--skip-last", type=int, help="skip the last N scales")
-    g.add_argument("--cs4a", choices=("token", "block", "off"))
-    g.add_argument("--key-mapping", choices=("identity", "flat", "dap"))
-    g.add_argument("--token-exact", action="store_true", default=None,
-                   help="mask partial blocks to the exact CSLA token mask")
+def _finite(value: Any) -> Any:
+    """JSON-ready copy: NaN and infinities become None (strict JSON has neither), paths and tuples plain."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    return value
 
 
-def _plan_from_args(args: argparse.Namespace):
-    model = get_model(args.model)
-    config = load_config_file(args.plan_config) if args.plan_config else PlanConfig()
-    config = config.replace(decision_scale=args.decision_scale, bound_layer=args.bound_layer,
-                            sink_scales=args.sink_scales, windows=args.windows, skip_last=args.skip_last,
-                            cs4a=args.cs4a, key_mapping=args.key_mapping, token_exact=args.token_exact)
-    return make_plan(model, args.resolution, args.aspect, config)
+def print_json(doc: Any) -> None:
+    """The one JSON document a ``--json`` verb writes to stdout."""
+    print(json.dumps(_finite(doc), indent=1, allow_nan=False, default=str), flush=True)
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    bm = check_block_size(args.block_m, "--block-m")
-    bn = check_block_size(args.block_n, "--block-n")
-    plan = _plan_from_args(args)
-    summary = plan_summary(plan, bm, bn)
-    if args.json:
-        print(json.dumps({"plan": plan.to_dict(), **summary}))
-    else:
-        print(format_summary(summary))
-    for directory, write in ((args.export_layouts, "npy"), (args.plot, "png")):
-        if directory is None:
-            continue
-        directory.mkdir(parents=True, exist_ok=True)
-        for s in plan.scales:
-            if not s.has_csla:
-                continue
-            layout = csla_layout(plan, s.index, bm, bn)
-            target = directory / f"scale{s.index}.{write}"
-            if write == "npy":
-                np.save(target, layout.active(), allow_pickle=False)
-            else:
-                layout.plot(target, title=f"{plan.model} scale {s.index} ({s.h}x{s.w}): {layout.summary()}")
-        if not args.json:
-            print(f"wrote {write} layouts to {directory}")
-    return 0
+class Progress:
+    """Progress lines for stderr.
+
+    Not on a terminal: every line as it comes. On one: a tqdm bar driven by the counts in the lines -
+    ``[i/n] ...`` (item ``i`` of ``n`` starts: the emitter's kernel compiles) and ``... trial i/n ...`` (trial
+    ``i`` of ``n`` is done: the tuner) - with every other line printed above the bar.
+    """
+
+    _START = re.compile(r"^\s*\[(\d+)/(\d+)\]\s*")
+    _DONE = re.compile(r"\btrial (\d+)/(\d+):?\s*")
+
+    def __init__(self, stream=None, tty: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            try:
+                tty = bool(self.stream.isatty())
+            except (AttributeError, ValueError):
+                tty = False
+        self._tqdm = None
+        if tty:
+            try:
+                from tqdm import tqdm
+
+                self._tqdm = tqdm
+            except ImportError:  # tqdm comes with optuna; without it, plain lines
+                pass
+        self._bar = None
+        self._started = False  # the bar's current item has started and not yet finished
+
+    @property
+    def bar(self) -> bool:
+        return self._tqdm is not None
+
+    def __call__(self, line: str) -> None:
+        if self._tqdm is None:
+            print(line, file=self.stream, flush=True)
+            return
+        start, done = self._START.search(line), self._DONE.search(line)
+        m = start or done
+        if m is None:
+            self._finish_item()
+            self._write(line)
+            return
+        i, n = int(m.group(1)), int(m.group(2))
+        position = i - 1 if start else i
+        if self._bar is None or self._bar.total != n or position < self._bar.n:
+            self.close()
+            self._bar = self._tqdm(total=n, file=self.stream, dynamic_ncols=True, leave=True)
+        what = (line[:m.start()] + " " + line[m.end():]).strip()
+        self._bar.set_description_str(what[:60], refresh=False)
+        self._bar.update(position - self._bar.n)
+        self._started = bool(start)
+
+    def _finish_item(self) -> None:
+        if self._bar is not None and self._started:
+            self._bar.update(1)
+            self._started = False
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Finish and close the bar (if any); later lines start a new one."""
+        self._finish_item()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
+# ---------------------------------------------------------------------------------------------- databases
 def _open_db(url: str | None):
-    """The database a compile reads winners from: ``--db``, else the user's cache database over the shipped one."""
+    """The database a compile reads winners from, which ``db stats`` shows: ``--db URL`` alone, else
+    :meth:`LayeredDatabase.open_default` - your database (``$SPARVAR_DB``, else the cache database) over the
+    shipped one."""
     from .db import LayeredDatabase, TuningDatabase
 
     if url:
         return TuningDatabase.open(url)
     return LayeredDatabase.open_default()
+
+
+def _write_db_url(args: argparse.Namespace) -> str:
+    """The database a verb that writes records uses: ``--db``, else ``$SPARVAR_DB``, else the cache database."""
+    from .db import default_database_url
+
+    return args.db or default_database_url()
+
+
+def db_urls(db) -> list[str]:
+    """The (password-masked) URLs of a database's layers, first match first."""
+    return [mask_url(layer.url) for layer in getattr(db, "layers", (db,))]
 
 
 def _local_gpu_matches(gpu) -> bool:
@@ -111,6 +206,147 @@ def _local_gpu_matches(gpu) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------------------------------- plan
+def _cmd_plan(args: argparse.Namespace) -> int:
+    bm = check_block_size(128 if args.block_m is None else args.block_m, "--block-m")
+    bn = check_block_size(128 if args.block_n is None else args.block_n, "--block-n")
+    plan = plan_from_args(args)
+    summary = plan_summary(plan, bm, bn)
+    written: dict[str, list[str]] = {}
+    if args.export_layouts is not None:
+        written["layouts"] = [str(p) for p in export_layouts(plan, args.export_layouts, bm, bn)]
+        note(f"wrote {len(written['layouts'])} layout files (npy, FlexAttention BlockMask, BSR) to "
+             f"{args.export_layouts}")
+    if args.plot is not None:
+        written["plots"] = [str(p) for p in _plot_layouts(plan, args.plot, args.block_m, args.block_n)]
+        for p in written["plots"]:
+            note(f"wrote {p}")
+    if args.json:
+        print_json({"plan": plan.to_dict(), **summary, "files": written})
+    else:
+        print(format_summary(summary))
+    return EXIT_OK
+
+
+EXPORT_README = """\
+Block-sparse layouts of {model} {resolution} px {aspect} (h:w), one file set per query scale with CSLA layers.
+A layout is one [q_blocks, kv_blocks] pattern shared by every batch element and head; queries are the scale's
+own tokens, keys the whole KV cache up to and including that scale (kv_len in each file). Active blocks are
+computed whole (SparVAR's block level){exact}.
+
+scale<i>.npy            bool [q_blocks, kv_blocks]: the active blocks.
+scale<i>.blockmask.npz  PyTorch FlexAttention BlockMask tensors, B = H = 1 (flex broadcasts):
+                        kv_num_blocks, kv_indices (partial blocks), full_kv_num_blocks, full_kv_indices,
+                        BLOCK_SIZE (block_m, block_n), seq_lengths (q_len, kv_len), active (as
+                        scale<i>.npy){token_mask}.
+scale<i>.bsr.npz        Block CSR, FlashInfer BlockSparseAttentionWrapper.plan arguments: indptr, indices,
+                        M, N (q_len, kv_len), R, C (block_m, block_n), block_shape, shape{mask}.
+
+FlexAttention (torch >= 2.5):
+
+    import numpy as np, torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    z = np.load("scale12.blockmask.npz"); t = lambda k: torch.from_numpy(z[k]).cuda()
+    bm, bn = z["BLOCK_SIZE"].tolist(); active = t("active"); {mask_mod}
+    mask = BlockMask.from_kv_blocks(t("kv_num_blocks"), t("kv_indices"), t("full_kv_num_blocks"),
+        t("full_kv_indices"), BLOCK_SIZE=(bm, bn), seq_lengths=tuple(z["seq_lengths"].tolist()), mask_mod=mask_mod)
+    out = torch.compile(flex_attention)(q, k, v, block_mask=mask, scale=1.0)  # q,k,v [B, H, len, D]
+
+The mask_mod must agree with the tables: eager (uncompiled) flex evaluates it everywhere and ignores them.
+With blocks smaller than flex's tile (128 on Hopper) pass kernel_options={{"BLOCK_M": bm, "BLOCK_N": bn}}.
+
+FlashInfer:
+
+    import flashinfer, numpy as np, torch
+    z = np.load("scale12.bsr.npz"); t = lambda k: torch.from_numpy(z[k]).cuda()
+    w = flashinfer.BlockSparseAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(t("indptr"), t("indices"), int(z["M"]), int(z["N"]), int(z["R"]), int(z["C"]),
+           num_qo_heads=H, num_kv_heads=H, head_dim=128, sm_scale=1.0, q_data_type=torch.bfloat16{mask_arg})
+    out = w.run(q, k, v)  # q [M, H, D], k and v [N, H, D]: one batch element
+
+In Python, sparvar_compiler.codegen.interop converts both ways (to_block_mask/from_block_mask, to_bsr/from_bsr).
+Softmax scale: Infinity uses 1.0 (q, k normalised, q scaled per head); VAR uses 1/sqrt(head_dim).
+"""
+
+
+def export_layouts(plan, directory: Path, block_m: int, block_n: int) -> list[Path]:
+    """Write every CSLA scale's layout of ``plan`` into ``directory`` as ``scale<i>.npy`` (active blocks),
+    ``scale<i>.blockmask.npz`` (FlexAttention ``BlockMask`` tensors) and ``scale<i>.bsr.npz`` (BSR,
+    FlashInfer's ``plan`` arguments), plus ``README.txt`` saying how to load them. Returns the paths written.
+
+    Block level (every active block whole) unless the plan is ``token_exact``: then the BlockMask keeps partial
+    blocks apart and the BSR carries a ``mask [nnz, R, C]`` of every listed block.
+    """
+    from .codegen.interop import to_block_mask, to_bsr
+
+    directory.mkdir(parents=True, exist_ok=True)
+    exact = bool(plan.config.token_exact)
+    written: list[Path] = []
+    for s in plan.scales:
+        if not s.has_csla:
+            continue
+        layout = csla_layout(plan, s.index, block_m, block_n)
+        target = directory / f"scale{s.index}.npy"
+        np.save(target, layout.active(), allow_pickle=False)
+        written.append(target)
+        exact_here = exact and layout.has_token_masks
+        mask = to_block_mask(layout, token_exact=exact_here)
+        tables = {"kv_num_blocks": mask.kv_num_blocks.numpy(), "kv_indices": mask.kv_indices.numpy(),
+                  "full_kv_num_blocks": mask.full_kv_num_blocks.numpy(),
+                  "full_kv_indices": mask.full_kv_indices.numpy(),
+                  "BLOCK_SIZE": np.array([layout.block_m, layout.block_n], dtype=np.int64),
+                  "seq_lengths": np.array([layout.q_len, layout.kv_len], dtype=np.int64), "active": layout.active()}
+        if exact_here:  # flex's partial blocks need a mask_mod: it reads this [q_len, kv_len] token mask
+            tables["token_mask"] = layout.to_token_mask(exact=True)
+        target = directory / f"scale{s.index}.blockmask.npz"
+        np.savez_compressed(target, **tables)
+        written.append(target)
+        bsr = to_bsr(layout, with_mask=exact and layout.has_token_masks)
+        arrays = {"indptr": bsr.indptr, "indices": bsr.indices, "M": np.int64(bsr.M), "N": np.int64(bsr.N),
+                  "R": np.int64(bsr.R), "C": np.int64(bsr.C), "block_shape": np.array([bsr.R, bsr.C], np.int64),
+                  "shape": np.array([bsr.M, bsr.N], np.int64)}
+        if bsr.mask is not None:
+            arrays["mask"] = bsr.mask
+        target = directory / f"scale{s.index}.bsr.npz"
+        np.savez_compressed(target, **arrays)
+        written.append(target)
+    readme = directory / "README.txt"
+    readme.write_text(EXPORT_README.format(
+        model=plan.model, resolution=plan.resolution, aspect=plan.aspect,
+        exact=("; this plan is token exact: partial blocks keep only their token mask (blockmask.npz: "
+               "token_mask [q_len, kv_len], read by the mask_mod; bsr.npz: mask)") if exact else "",
+        token_mask=", token_mask (token exact)" if exact else "",
+        mask=", mask [nnz, R, C] (token exact)" if exact else "",
+        mask_mod="tm = t(\"token_mask\"); mask_mod = lambda b, h, q, kv: tm[q, kv]" if exact else
+                 "mask_mod = lambda b, h, q, kv: active[q // bm, kv // bn]",
+        mask_arg=", mask=t(\"mask\")" if exact else ""))
+    written.append(readme)
+    return written
+
+
+def _plot_layouts(plan, directory: Path, block_m: int | None, block_n: int | None) -> list[Path]:
+    """``scale<i>.png`` per CSLA scale at the module's block size (the emitter's default block unless
+    ``--block-m``/``--block-n`` say otherwise), key-scale boundaries drawn."""
+    from .emit.emitter import DEFAULT_BLOCK
+    from .planner.csla import key_scale_spans
+
+    bm = check_block_size(DEFAULT_BLOCK if block_m is None else block_m, "--block-m")
+    bn = check_block_size(DEFAULT_BLOCK if block_n is None else block_n, "--block-n")
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in plan.scales:
+        if not s.has_csla:
+            continue
+        layout = csla_layout(plan, s.index, bm, bn)
+        title = (f"{plan.model} {plan.resolution} px {plan.aspect}: query scale {s.index} ({s.h}x{s.w}, "
+                 f"{s.tokens} tokens) x {s.kv_len} keys\n{bm}x{bn} blocks, {100 * layout.sparsity():.1f}% "
+                 "skipped")
+        out.append(layout.plot(directory / f"scale{s.index}.png", title=title,
+                               key_scales=key_scale_spans(plan, s.index)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tuning
 def _worker_slot(text: str) -> tuple[int, int]:
     """``I/K`` (0 <= I < K) as a tuple, for ``--worker-slot``."""
     try:
@@ -122,223 +358,414 @@ def _worker_slot(text: str) -> tuple[int, int]:
     return i, k
 
 
-def _worker_start(worker: str | None, slot: tuple[int, int] | None, n: int) -> int:
-    """Index of the workload this worker tunes first. Workers sharing a database start on different workloads
-    (worker I of K at I*n/K, a named worker at a hash of its name), so that each mostly tunes workloads of its
-    own and the others' trials are reused, instead of all of them measuring one workload's default config and
-    last trials side by side; they meet, and share trials, only where their walks overlap."""
-    if n == 0 or (worker is None and slot is None):
-        return 0
-    if slot is not None:
-        return slot[0] * n // slot[1]
-    import zlib
-
-    return zlib.crc32(worker.encode()) % n
-
-
-def _tune_plan(plan, gpu, db, backends, block_sizes, trials, budget_s, worker=None, runner=None, mode="tpe",
-               only_missing=False, slot=None):
-    """Tune every workload of the plan; ``only_missing`` leaves out those the (layered) database already has a
-    usable winner for, so that compiling on a GPU host with the shipped winners does no GPU work. A worker
-    (``worker``, ``slot``) walks the workloads from its own start, wrapping around (:func:`_worker_start`)."""
-    from .db import TuningDatabaseError, collect_environment
-    from .emit.emitter import plan_workloads
-    from .tuner.runners import LocalRunner
-    from .tuner.search import Tuner
-
-    local = runner is None
-    environment = collect_environment(probe_gpu=local)
-    tuner = Tuner(db if not hasattr(db, "user") else db.user, gpu, runner or LocalRunner(),
-                  environment=environment, worker=worker)
-    results = []
-    workloads = list(plan_workloads(plan, backends, block_sizes))
-    start = _worker_start(worker, slot, len(workloads))
-    order = list(range(start, len(workloads))) + list(range(start))
-    for i in order:
-        scale, spec, layout = workloads[i]
-        if only_missing:
-            try:
-                have = db.winner(spec.to_dict(), gpu.to_dict(), environment)
-            except TuningDatabaseError:  # a record from another compiler or card: not usable here, so tune
-                have = None
-            if have is not None:
-                continue
-        print(f"tuning scale {scale} {spec.backend} {spec.block_m}x{spec.block_n} ({spec.q_len} x {spec.kv_len})",
-              flush=True)
-        results.append((i, scale, tuner.tune(spec, layout, trials=trials, budget_s=budget_s, mode=mode)))
-    return [(scale, r) for _, scale, r in sorted(results, key=lambda x: x[0])]  # the plan's order
-
-
-def _print_tune_table(results) -> None:
-    print(f"\n{'scale':>5} {'kernel':<22} {'default ms':>10} {'tuned ms':>9} {'gain':>6}  measured/reused  config")
+def tune_rows(results) -> list[dict[str, Any]]:
+    """The tune winners table as data: one row per workload, in the plan's order."""
+    rows = []
     for scale, r in results:
-        kname = f"{r.spec.backend}/{r.spec.kind} {r.spec.block_m}x{r.spec.block_n}"
-        cfg = r.best_config.to_dict() if r.best_config else None
-        print(f"{scale:>5} {kname:<22} {r.default_ms:>10.4f} {r.best_ms:>9.4f} {r.gain:>6.2f}  "
-              f"{r.measured:>4}/{r.reused:<4}        {cfg}")
+        s = r.spec
+        rows.append({
+            "scale": scale, "backend": s.backend, "kind": s.kind, "block_m": s.block_m, "block_n": s.block_n,
+            "q_len": getattr(s, "q_len", None), "kv_len": getattr(s, "kv_len", None),
+            "default_ms": r.default_ms, "best_ms": r.best_ms, "gain": r.gain,
+            "measured": r.measured, "reused": r.reused, "invalid": dict(r.invalid), "seconds": r.seconds,
+            "config": r.best_config.to_dict() if r.best_config else None,
+            "default_config": r.default_config.to_dict(), "study": getattr(r, "study", None),
+            "spec": s.to_dict(),
+        })
+    return rows
+
+
+def format_tune_table(rows: list[dict[str, Any]]) -> str:
+    ms = lambda v: f"{v:.4f}" if v is not None and math.isfinite(v) else "-"  # noqa: E731
+    lines = [f"{'scale':>5} {'kernel':<22} {'default ms':>10} {'tuned ms':>9} {'gain':>6}  measured/reused  config"]
+    for r in rows:
+        kname = f"{r['backend']}/{r['kind']} {r['block_m']}x{r['block_n']}"
+        gain = f"{r['gain']:.2f}" if r["gain"] is not None and math.isfinite(r["gain"]) else "-"
+        lines.append(f"{r['scale']:>5} {kname:<22} {ms(r['default_ms']):>10} {ms(r['best_ms']):>9} {gain:>6}  "
+                     f"{r['measured']:>4}/{r['reused']:<4}        {r['config']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def module_doc(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A module's kernels as data: ``kernels`` (per CSLA kernel: scale, backend, kind, block, sparsity, tuned,
+    expected ms per call, config, calls per image), ``cs4a`` (None, or its mode, decision scale, bound layer,
+    mapping, residual, helper kernels and per-scale ``kernels``), ``dispatch`` (calls per image by op),
+    ``tuned``/``cs4a_tuned`` and ``expected_ms`` (kernel time per image, from the tuned timings)."""
+    calls: dict[tuple[int, str | None], int] = {}
+    dispatch: dict[str, int] = {}
+    for row in manifest["dispatch"]:
+        dispatch[row["op"]] = dispatch.get(row["op"], 0) + 1
+        key = (row["scale"], row.get("kernel") if row["op"] == "kernel" else row["op"])
+        calls[key] = calls.get(key, 0) + 1
+    kernels = []
+    for name, k in sorted(manifest["kernels"].items(), key=lambda kv: kv[1]["scale"]):
+        spec = k.get("spec", {})
+        kernels.append({"name": name, "scale": k["scale"], "backend": spec.get("backend"),
+                        "kind": spec.get("kind"), "block_m": spec.get("block_m"), "block_n": spec.get("block_n"),
+                        "sparsity": k["sparsity"], "tuned": k["tuned"], "expected_ms": k["expected_ms"],
+                        "config": k["config"], "source": k.get("source"),
+                        "calls_per_image": calls.get((k["scale"], name), 0)})
+    cs4a = manifest.get("cs4a")
+    cs4a_doc = None
+    if cs4a:
+        rows = []
+        for scale, k in sorted(cs4a["scales"].items(), key=lambda kv: int(kv[0])):
+            n = calls.get((int(scale), "cs4a"), 0) + calls.get((int(scale), "cs4a_decision"), 0)
+            rows.append({"name": k["name"], "scale": int(scale), "kind": k["spec"].get("kind"),
+                         "capacity": k["spec"].get("capacity"), "tuned": k["tuned"],
+                         "expected_ms": k["expected_ms"], "config": k["config"], "source": k.get("source"),
+                         "calls_per_image": n})
+        cs4a_doc = {"mode": cs4a["mode"], "decision_scale": cs4a["decision_scale"],
+                    "bound_layer": cs4a["bound_layer"], "mapping": cs4a["mapping"], "residual": cs4a["residual"],
+                    "stats_kernel": cs4a["stats"]["name"], "topk_kernel": cs4a.get("topk", {}).get("name"),
+                    "kernels": rows}
+    timed = kernels + (cs4a_doc["kernels"] if cs4a_doc else [])
+    known = [k for k in timed if k["expected_ms"] is not None and k["calls_per_image"]]
+    per_image = sum(k["expected_ms"] * k["calls_per_image"] for k in known)
+    return {
+        "kernels": kernels, "cs4a": cs4a_doc, "dispatch": dispatch,
+        "tuned": bool(manifest["tuned"]), "cs4a_tuned": manifest.get("cs4a_tuned"),
+        "expected_ms": {"kernels_per_image": per_image if known else None,
+                        "complete": len(known) == len([k for k in timed if k["calls_per_image"]])},
+    }
+
+
+def format_module_table(doc: dict[str, Any]) -> str:
+    ms = lambda v: f"{v:.4f}" if v else "-"  # noqa: E731
+    lines = [f"{'scale':>5} {'kernel':<32} {'sparsity':>8} {'tuned':>5} {'expected ms':>11}  config"]
+    for k in doc["kernels"]:
+        lines.append(f"{k['scale']:>5} {k['name']:<32} {100 * k['sparsity']:7.1f}% {str(k['tuned']).lower():>5} "
+                     f"{ms(k['expected_ms']):>11}  {k['config']}")
+    cs4a = doc["cs4a"]
+    if cs4a:
+        for k in cs4a["kernels"]:
+            what = f"cs4a {cs4a['mode']}, capacity {k['capacity']}"
+            lines.append(f"{k['scale']:>5} {k['name']:<32} {'dynamic':>8} {str(k['tuned']).lower():>5} "
+                         f"{ms(k['expected_ms']):>11}  {k['config']}  ({what})")
+        helpers = ", ".join(n for n in (cs4a["stats_kernel"], cs4a["topk_kernel"]) if n)
+        lines.append(f"cs4a: decision scale {cs4a['decision_scale']}, layers below {cs4a['bound_layer']}, "
+                     f"{cs4a['mapping']} key mapping, residual {'on' if cs4a['residual'] else 'off'}; statistics "
+                     f"and selection kernels {helpers}")
+    tuned = doc["tuned"] and doc["cs4a_tuned"] is not False
+    lines.append(f"dispatch: {', '.join(f'{v} {k}' for k, v in sorted(doc['dispatch'].items()))} calls per image"
+                 + ("" if tuned else "; UNTUNED kernels use documented default configs"))
+    exp = doc["expected_ms"]
+    if exp["kernels_per_image"] is not None:
+        lines.append(f"expected kernel time per image: {exp['kernels_per_image']:.2f} ms"
+                     + ("" if exp["complete"] else " (tuned kernels only)"))
+    return "\n".join(lines)
+
+
+def _module_dir(directory: Path) -> Path:
+    if not directory.exists():
+        raise PlanConfigError(f"{directory} does not exist")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+def _aspects(args: argparse.Namespace) -> list[str] | None:
+    """``--aspect all`` (every aspect ratio of the model at the resolution) or a comma-separated list: the
+    members of a module set; None for one module."""
+    text = args.aspect
+    if text is None or (text != "all" and "," not in text):
+        return None
+    model = get_model(args.model)
+    if text == "all":
+        resolution = plan_from_args(argparse.Namespace(**{**vars(args), "aspect": None})).resolution
+        return list(model.aspects(resolution))
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise PlanConfigError(f"--aspect {text!r} names no aspect ratio")
+    return names
+
+
+def _check_batch(batch: int) -> int:
+    if batch < 1 or batch > 4096:
+        raise PlanConfigError(f"--batch must be in 1..4096 (the batch kernels are tuned at), got {batch}")
+    return batch
+
+
+def _compile_set(args: argparse.Namespace, aspects: list[str]) -> int:
+    """``compile --aspect all|A,B,...``: one module set, a member per aspect ratio (kernels pooled)."""
+    import time
+
+    from .db import collect_environment
+    from .emit.moduleset import emit_module_set
+    from .tuner.plan import tune_plan
+
+    gpu = get_gpu(args.gpu)
+    batch = _check_batch(args.batch)
+    plans = [plan_from_args(argparse.Namespace(**{**vars(args), "aspect": a})) for a in aspects]
+    backends = tuple(args.backend.split(","))
+    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    present = _local_gpu_matches(gpu)
+    if args.tune == "always" and not present:
+        raise PlanConfigError(f"--tune always needs a local {gpu.name}; none is present")
+    db = _open_db(args.db)
+    note(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); {len(plans)} aspect ratios; GPU present here: "
+         f"{'yes' if present else 'no'}; database: {' over '.join(db_urls(db))}")
+    t0 = time.perf_counter()
+    tuning = []
+    with Progress() as progress:
+        if args.tune == "always" or (args.tune == "auto" and present):
+            for plan in plans:
+                tuning += tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
+                                              only_missing=args.tune == "auto", batch=batch, progress=progress))
+            progress.close()
+        p0 = plans[0]
+        out = args.output or Path("out") / f"{p0.model}-{p0.resolution}-set{len(plans)}-{gpu.name}"
+        manifest = emit_module_set(get_model(args.model), p0.resolution, [p.aspect for p in plans], gpu, out,
+                                   config=p0.config, db=db, backends=backends, block_sizes=blocks, batch=batch,
+                                   environment=collect_environment(probe_gpu=False), progress=progress)
+    seconds = time.perf_counter() - t0
+    doc = {"module_set": str(out), "target": gpu.to_dict(), "gpu_present": present, "database": db_urls(db),
+           "tuning": tuning or None, "seconds": round(seconds, 1), "batch": batch, "stats": manifest["stats"],
+           "members": [{"name": m["name"], "aspect": m["aspect"], "resolution": m["resolution"],
+                        "last_grid": m["grids"][-1]} for m in manifest["members"]]}
+    if args.json:
+        print_json(doc)
+        return EXIT_OK
+    st = manifest["stats"]
+    print(f"module set: {out}  ({len(doc['members'])} members: "
+          f"{', '.join(m['aspect'] for m in doc['members'])})")
+    print(f"kernels: {st['kernels']} ({st['distinct_kernels']} distinct, pooled by content); size "
+          f"{st['bytes'] / 1e6:.1f} MB; compiled in {seconds:.1f} s")
+    print(f"load with sparvar_compiler.runtime.load('{out}') (a ModuleSet: it picks the member by the image's "
+          f"grids); check with: sparvar-compile verify {out}")
+    return EXIT_OK
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from .db import collect_environment
     from .emit.emitter import emit_module
+    from .tuner.plan import tune_plan
 
+    aspects = _aspects(args)
+    if aspects is not None:
+        return _compile_set(args, aspects)
     gpu = get_gpu(args.gpu)
-    plan = _plan_from_args(args)
+    batch = _check_batch(args.batch)
+    plan = plan_from_args(args)
     backends = tuple(args.backend.split(","))
     blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
     present = _local_gpu_matches(gpu)
     if args.tune == "always" and not present:
-        print(f"sparvar-compile: error: --tune always needs a local {gpu.name}; none is present", file=sys.stderr)
-        return 2
+        raise PlanConfigError(f"--tune always needs a local {gpu.name}; none is present")
     db = _open_db(args.db)
-    print(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); GPU present here: {'yes' if present else 'no'}")
-    if args.tune == "always" or (args.tune == "auto" and present):
-        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
-                             only_missing=args.tune == "auto")
-        if results:
-            _print_tune_table(results)
-        else:
-            print("every workload has a database winner for this GPU: nothing to tune")
-    out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
-    env = collect_environment(probe_gpu=False)
-    import warnings
+    note(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); GPU present here: {'yes' if present else 'no'}; "
+         f"database: {' over '.join(db_urls(db))}")
+    tuning = None
+    with Progress() as progress:
+        if args.tune == "always" or (args.tune == "auto" and present):
+            tuning = tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
+                                         only_missing=args.tune == "auto", batch=batch, progress=progress))
+            progress.close()
+            if not tuning:
+                note("every workload has a database winner for this GPU: nothing to tune")
+        out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
+        env = collect_environment(probe_gpu=False)
+        import warnings
 
-    from .db.environment import SoftMismatchWarning
+        from .db.environment import SoftMismatchWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        # One line for all records measured under other patch versions, not one warning per kernel.
-        warnings.simplefilter("always", SoftMismatchWarning)
-        manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env)
+        with warnings.catch_warnings(record=True) as caught:
+            # One line for all records measured under other patch versions, not one warning per kernel.
+            warnings.simplefilter("always", SoftMismatchWarning)
+            manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env,
+                                   batch=batch, progress=progress)
     soft = [w for w in caught if issubclass(w.category, SoftMismatchWarning)]
     for w in caught:
         if not issubclass(w.category, SoftMismatchWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if soft:
         detail = str(soft[0].message).split(" although ", 1)[-1]
-        print(f"note: {len(soft)} tuning record(s) were measured under other patch versions (e.g. {detail}); "
-              "they are used, as soft mismatches are")
-    print(format_summary(plan_summary(plan, 128, 128)))
-    print(_module_table(manifest))
+        note(f"note: {len(soft)} tuning record(s) were measured under other patch versions (e.g. {detail}); "
+             "they are used, as soft mismatches are")
+    doc = module_doc(manifest)
+    summary = plan_summary(plan, 128, 128)
+    if args.json:
+        print_json({"module": str(out), "target": gpu.to_dict(), "gpu_present": present,
+                    "database": db_urls(db), "tuning": tuning, **doc, "plan": summary})
+        return EXIT_OK
+    if tuning:
+        print(format_tune_table(tuning) + "\n")
+    print(format_summary(summary) + "\n")
+    print(format_module_table(doc))
     print(f"\nmodule: {out}  (load with sparvar_compiler.runtime.load('{out}'); "
           f"check with: sparvar-compile verify {out})")
-    return 0
-
-
-def _module_table(manifest: dict) -> str:
-    lines = ["", f"{'scale':>5} {'kernel':<32} {'sparsity':>8} {'tuned':>5} {'expected ms':>11}  config"]
-    for name, k in sorted(manifest["kernels"].items(), key=lambda kv: kv[1]["scale"]):
-        exp = f"{k['expected_ms']:.4f}" if k["expected_ms"] else "-"
-        lines.append(f"{k['scale']:>5} {name:<32} {100 * k['sparsity']:7.1f}% {str(k['tuned']).lower():>5} "
-                     f"{exp:>11}  {k['config']}")
-    cs4a = manifest.get("cs4a")
-    if cs4a:
-        for scale, k in sorted(cs4a["scales"].items(), key=lambda kv: int(kv[0])):
-            exp = f"{k['expected_ms']:.4f}" if k["expected_ms"] else "-"
-            what = f"cs4a {cs4a['mode']}, capacity {k['spec']['capacity']}"
-            lines.append(f"{scale:>5} {k['name']:<32} {'dynamic':>8} {str(k['tuned']).lower():>5} {exp:>11}  "
-                         f"{k['config']}  ({what})")
-        lines.append(f"cs4a: decision scale {cs4a['decision_scale']}, layers below {cs4a['bound_layer']}, "
-                     f"{cs4a['mapping']} key mapping, residual {'on' if cs4a['residual'] else 'off'}; statistics "
-                     f"and selection kernels {cs4a['stats']['name']}" + (f", {cs4a['topk']['name']}"
-                                                                         if "topk" in cs4a else ""))
-    modes: dict[str, int] = {}
-    for row in manifest["dispatch"]:
-        modes[row["op"]] = modes.get(row["op"], 0) + 1
-    tuned = manifest["tuned"] and manifest.get("cs4a_tuned") is not False
-    lines.append(f"dispatch: {', '.join(f'{v} {k}' for k, v in sorted(modes.items()))} calls per image"
-                 + ("" if tuned else "; UNTUNED kernels use documented default configs"))
-    return "\n".join(lines)
+    return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .emit.manifest import verify_module
+    from .emit.manifest import SET_MANIFEST, ModuleError, verify_module
 
-    m = verify_module(args.directory, gpu=args.gpu)
-    print(f"ok: {args.directory}: {m['model']['name']} for {m['target']['name']}, {len(m['kernels'])} kernels, "
-          f"{len(m['files'])} files verified")
-    return 0
+    directory = _module_dir(args.directory)
+    if (directory / SET_MANIFEST).is_file():
+        return _verify_set(args, directory)
+    try:
+        m = verify_module(directory, gpu=args.gpu)
+    except ModuleError as e:
+        if args.json:
+            print_json({"ok": False, "directory": str(directory), "error": str(e)})
+        note(f"sparvar-compile: verify failed: {e}")
+        return EXIT_FAILED
+    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": m["target"]["name"],
+           "arch": m["target"]["arch"], "kernels": len(m["kernels"]), "files": len(m["files"]),
+           "tuned": bool(m["tuned"]), "sparvar_version": m.get("sparvar_version")}
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"ok: {directory}: {doc['model']} for {doc['target']}, {doc['kernels']} kernels, {doc['files']} "
+              "files verified")
+    return EXIT_OK
+
+
+def _verify_set(args: argparse.Namespace, directory: Path) -> int:
+    from .emit.manifest import ModuleError
+    from .emit.moduleset import verify_module_set
+
+    try:
+        m = verify_module_set(directory, gpu=args.gpu)
+    except ModuleError as e:
+        if args.json:
+            print_json({"ok": False, "directory": str(directory), "error": str(e)})
+        note(f"sparvar-compile: verify failed: {e}")
+        return EXIT_FAILED
+    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": m["target"]["name"],
+           "arch": m["target"]["arch"], "members": [x["name"] for x in m["members"]],
+           "kernels": m["stats"]["kernels"], "distinct_kernels": m["stats"]["distinct_kernels"],
+           "files": len(m["shared"]), "sparvar_version": m.get("sparvar_version")}
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"ok: {directory}: module set of {doc['model']} for {doc['target']}, {len(doc['members'])} members, "
+              f"{doc['kernels']} kernels ({doc['distinct_kernels']} distinct) verified")
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .emit.manifest import verify_module
+    from .emit.manifest import ModuleError, verify_module
 
-    m = verify_module(args.directory)
+    directory = _module_dir(args.directory)
+    try:
+        m = verify_module(directory)
+    except ModuleError as e:
+        note(f"sparvar-compile: inspect: the module is bad: {e}")
+        return EXIT_FAILED
     p = m["plan"]
+    doc = module_doc(m)
+    plot = None
+    if args.plot is not None:
+        from .emit.plots import plot_dispatch
+
+        plot = plot_dispatch(m, args.plot) or args.plot
+        note(f"wrote {plot}")
+    if args.json:
+        print_json({"directory": str(directory), "model": m["model"], "resolution": p["resolution"],
+                    "aspect": p["aspect"], "target": m["target"], "batch": m["batch"], "dtype": m["dtype"],
+                    "softmax_scale": m["softmax_scale"], "sparvar_version": m.get("sparvar_version"),
+                    "plan": p, **doc, "plot": str(plot) if plot is not None else None})
+        return EXIT_OK
     print(f"{m['model']['name']} {p['resolution']} px {p['aspect']} for {m['target']['name']} "
           f"({m['target']['arch']}, {m['target']['sm_count']} SMs); batch {m['batch']}, {m['dtype']}, softmax "
-          f"scale {m['softmax_scale']}; built with sparvar {m['sparvar_version']}")
-    print(_module_table(m))
-    return 0
+          f"scale {m['softmax_scale']}; built with sparvar {m['sparvar_version']}\n")
+    print(format_module_table(doc))
+    return EXIT_OK
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
-    plan = _plan_from_args(args)
+    plan = plan_from_args(args)
     backends = tuple(args.backend.split(","))
     blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
     if args.runner == "bundle":
-        from .emit.emitter import plan_workloads
         from .tuner.bundle import build_bundle
+        from .tuner.plan import plan_tasks
 
         if not args.bundle:
             raise PlanConfigError("--runner bundle needs --bundle DIR")
-        tasks = [(spec, layout) for _, spec, layout in plan_workloads(plan, backends, blocks)]
-        path = build_bundle(tasks, gpu, args.bundle, max_candidates=args.trials)
-        print(f"wrote {path}; on the GPU host run:\n  python -m sparvar_compiler.tuner.bundle measure {args.bundle} "
-              f"--out results.json\nthen ingest here with:\n  sparvar-compile tune --model {args.model} --gpu "
-              f"{gpu.name} --runner replay --replay results.json")
-        return 0
-    from .db import TuningDatabase, user_database_path
+        tasks = plan_tasks(plan, backends, blocks, _check_batch(args.batch))
+        # The studies go where the results will be ingested, when that is named (else the replay makes them).
+        with Progress() as progress:
+            path = build_bundle(tasks, gpu, args.bundle, max_candidates=args.trials, progress=progress,
+                                db=database_url(args))
+        steps = [f"python -m sparvar_compiler.tuner.bundle measure {args.bundle} --out results.json",
+                 f"sparvar-compile tune --model {args.model} --gpu {gpu.name} --runner replay --replay results.json"]
+        if args.json:
+            print_json({"bundle": str(path), "workloads": len(tasks), "target": gpu.to_dict(), "next": steps})
+        else:
+            print(f"wrote {path}; on the GPU host run:\n  {steps[0]}\nthen ingest here with:\n  {steps[1]}")
+        return EXIT_OK
+    from .db import TuningDatabase
+    from .tuner.plan import tune_plan
 
     if args.workers < 1:
         raise PlanConfigError(f"--workers must be >= 1, got {args.workers}")
+    url = database_url(args)
     if args.workers > 1:
-        code = _run_tune_workers(args)
+        if not url:
+            raise PlanConfigError(f"--workers needs --db (or {DB_ENV}): a database every worker opens (a SQLite "
+                                  "file on one host, PostgreSQL for several)")
+        code = _run_tune_workers(args, url)
         if code:
             return code
         # Every trial is in the database now: the parent's pass below measures nothing (a replay runner with no
         # records) and prints the winners table from what the workers recorded.
         from .tuner.runners import ReplayRunner
 
-        db = TuningDatabase.open(args.db)
-        _print_tune_table(_tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, "parent",
-                                     ReplayRunner({}), mode="exhaustive", slot=(0, 1)))
-        return 0
-    db = TuningDatabase.open(args.db or user_database_path())
+        db = TuningDatabase.open(url)
+        rows = tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, "parent",
+                                   ReplayRunner({}), mode="exhaustive", slot=(0, 1), batch=_check_batch(args.batch),
+                                   progress=lambda _: None))
+        return _print_tune(args, gpu, db.url, rows)
+    runner = None
     if args.runner == "replay":
         from .tuner.runners import ReplayRunner
 
         if not args.replay:
             raise PlanConfigError("--runner replay needs --replay FILE (results of a measured bundle)")
-        data = json.loads(Path(args.replay).read_text())
-        if data.get("target", {}).get("name", gpu.name) != gpu.name:
-            raise PlanConfigError(f"{args.replay} was measured on {data['target']['name']}, not {gpu.name}")
-        runner = ReplayRunner.from_records(data["records"])
-        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker, runner,
-                             mode="exhaustive", slot=args.worker_slot)
+        if not Path(args.replay).is_file():
+            raise PlanConfigError(f"--replay {args.replay} does not exist")
+        try:
+            data = json.loads(Path(args.replay).read_text())
+            measured_on = data.get("target", {}).get("name", gpu.name)
+            records = data["records"]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError) as e:
+            raise PlanConfigError(f"--replay {args.replay} is not a results file ({type(e).__name__}: {e})") from None
+        if measured_on != gpu.name:
+            raise PlanConfigError(f"{args.replay} was measured on {measured_on}, not {gpu.name}")
+        runner = ReplayRunner.from_records(records)
+    elif not _local_gpu_matches(gpu):
+        raise PlanConfigError(f"tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); use "
+                              "--runner bundle to build here and measure there")
+    url = _write_db_url(args)
+    db = TuningDatabase.open(url)
+    note(f"tuning {plan.model} for {gpu.name} into {mask_url(db.url)}")
+    with Progress() as progress:
+        results = tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker, runner,
+                            mode="exhaustive" if runner is not None else "tpe", slot=args.worker_slot,
+                            batch=_check_batch(args.batch), progress=progress)
+    return _print_tune(args, gpu, db.url, tune_rows(results))
+
+
+def _print_tune(args: argparse.Namespace, gpu, url: str, rows: list[dict[str, Any]]) -> int:
+    if args.json:
+        print_json({"target": gpu.to_dict(), "database": mask_url(url), "runner": args.runner,
+                    "worker": args.worker, "workers": args.workers, "results": rows})
     else:
-        if not _local_gpu_matches(gpu):
-            print(f"sparvar-compile: error: tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); "
-                  "use --runner bundle to build here and measure there", file=sys.stderr)
-            return 2
-        results = _tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker,
-                             slot=args.worker_slot)
-    _print_tune_table(results)
-    return 0
+        print(format_tune_table(rows))
+    return EXIT_OK
 
 
-def _run_tune_workers(args: argparse.Namespace) -> int:
-    """Run ``args.workers`` copies of this tune command as processes sharing ``--db`` (and so its Optuna
-    studies: the budget counts every worker's trials, and no config is measured twice). With the local runner
-    worker ``i`` sees GPU ``i`` (modulo the GPUs visible here). Their output is streamed with a ``[wI]`` prefix.
-    Returns the first non-zero exit status, else 0."""
-    import os
+def _run_tune_workers(args: argparse.Namespace, url: str) -> int:
+    """Run ``args.workers`` copies of this tune command as processes sharing the database ``url`` (and so its
+    Optuna studies: the budget counts every worker's trials, and no config is measured twice). With the local
+    runner worker ``i`` sees GPU ``i`` (modulo the GPUs visible here). Their output is progress: it is streamed
+    to stderr with a ``[wI]`` prefix. Returns the first non-zero exit status, else 0."""
     import subprocess
     import threading
 
-    if not args.db:
-        raise PlanConfigError("--workers needs --db: a database every worker opens (a SQLite file on one host, "
-                              "PostgreSQL for several)")
     gpus = 1
     if args.runner == "local":
         try:
@@ -348,19 +775,20 @@ def _run_tune_workers(args: argparse.Namespace) -> int:
         except ImportError:
             pass
         if args.workers > gpus:
-            print(f"warning: {args.workers} workers share {gpus} GPU(s): their timings disturb each other",
-                  file=sys.stderr)
+            note(f"warning: {args.workers} workers share {gpus} GPU(s): their timings disturb each other")
     base = list(args.argv)
-    if "--workers" in base:  # "--workers K" as two tokens
-        i = base.index("--workers")
-        del base[i:i + 2]
-    base = [a for a in base if not a.startswith("--workers=")]
+    for flag in ("--workers", "--db"):  # "--flag VALUE" as two tokens
+        while flag in base:
+            i = base.index(flag)
+            del base[i:i + 2]
+    base = [a for a in base if not a.startswith(("--workers=", "--db=")) and a != "--json"]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
     root = str(Path(__file__).resolve().parents[1])
     procs = []
     for i in range(args.workers):
         env = dict(os.environ)
+        env[DB_ENV] = url  # through the environment: a password never shows in the process list
         if args.runner == "local":
             env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -370,7 +798,7 @@ def _run_tune_workers(args: argparse.Namespace) -> int:
 
     def stream(i: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            print(f"[w{i}] {line}", end="", flush=True)
+            print(f"[w{i}] {line}", end="", file=sys.stderr, flush=True)
 
     threads = [threading.Thread(target=stream, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in threads:
@@ -380,46 +808,294 @@ def _run_tune_workers(args: argparse.Namespace) -> int:
         t.join()
     bad = [(i, c) for i, c in enumerate(codes) if c]
     if bad:
-        print(f"sparvar-compile: error: worker(s) {', '.join(f'w{i} (exit {c})' for i, c in bad)} failed",
-              file=sys.stderr)
-        return bad[0][1]
-    return 0
+        note(f"sparvar-compile: error: worker(s) {', '.join(f'w{i} (exit {c})' for i, c in bad)} failed")
+        return EXIT_FAILED if bad[0][1] != EXIT_USAGE else EXIT_USAGE
+    return EXIT_OK
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    from .db import TuningDatabase, export_json, import_json, user_database_path
+    from .db import TuningDatabase, export_json, import_json
 
-    db = TuningDatabase.open(args.db or user_database_path(), readonly=args.action != "import")
     if args.action == "stats":
-        print(json.dumps(db.stats(), indent=1, default=str))
-    elif args.action == "export":
-        if not args.file:
-            raise PlanConfigError("db export needs a FILE")
-        export_json(db, args.file)
-        print(f"exported winners to {args.file}")
+        from .db import LayeredDatabase, collect_environment
+        from .db.report import format_stats
+
+        # One shape either way: a named database is a stack of one layer.
+        db = LayeredDatabase(TuningDatabase.open(args.db, readonly=True)) if args.db else _open_db(None)
+        try:
+            stats = db.stats(collect_environment(probe_gpu=False))
+        finally:
+            db.close()
+        if args.json:
+            print_json(stats)
+        else:
+            print(format_stats(stats))
+        return EXIT_OK
+    if not args.file:
+        raise PlanConfigError(f"db {args.action} needs a FILE")
+    url = _write_db_url(args)
+    if args.action == "export":
+        with TuningDatabase.open(url, readonly=True) as db:
+            doc = export_json(db, args.file)
+            counts = {"file": str(args.file), "database": mask_url(db.url), "winners": len(doc.get("winners", [])),
+                      "trials": len(doc.get("trials", [])), "targets": len(doc.get("targets", [])),
+                      "workloads": len(doc.get("workloads", []))}
+        if args.json:
+            print_json(counts)
+        else:
+            print(f"exported {counts['winners']} winners ({counts['trials']} trials) from {counts['database']} "
+                  f"to {args.file}")
+        return EXIT_OK
+    if not Path(args.file).is_file():
+        raise PlanConfigError(f"db import: {args.file} does not exist")
+    with TuningDatabase.open(url) as db:
+        counts = {"file": str(args.file), "database": mask_url(db.url), **import_json(db, args.file)}
+    if args.json:
+        print_json(counts)
     else:
-        if not args.file:
-            raise PlanConfigError("db import needs a FILE")
-        print(json.dumps(import_json(db, args.file)))
-    return 0
+        rest = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k not in ("file", "database"))
+        print(f"imported {args.file} into {counts['database']}: {rest}")
+    return EXIT_OK
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    rows = []
     for name in list_models():
         m = get_model(name)
-        res = ", ".join(str(r) for r in m.resolutions)
-        print(f"{name:14} depth {m.depth:2}  width {m.width:4}  heads {m.heads:2}  head_dim {m.head_dim:3}  "
-              f"resolutions {res}  ({len(m.schedules)} schedules) {m.notes}")
-    return 0
+        rows.append({"name": name, "family": m.family, "depth": m.depth, "width": m.width, "heads": m.heads,
+                     "head_dim": m.head_dim, "resolutions": list(m.resolutions),
+                     "default_resolution": m.default_resolution,
+                     "schedules": [{"resolution": s.resolution, "aspect": s.aspect} for s in m.schedules],
+                     "notes": m.notes})
+    if args.json:
+        print_json({"models": rows})
+        return EXIT_OK
+    for r in rows:
+        res = ", ".join(str(x) for x in r["resolutions"])
+        print(f"{r['name']:14} depth {r['depth']:2}  width {r['width']:4}  heads {r['heads']:2}  head_dim "
+              f"{r['head_dim']:3}  resolutions {res}  ({len(r['schedules'])} schedules) {r['notes']}")
+    return EXIT_OK
 
 
 def _cmd_gpus(args: argparse.Namespace) -> int:
-    for name in list_gpus():
-        g = get_gpu(name)
-        print(f"{name:10} {g.arch:7} {g.sm_count:4} SMs  {g.smem_per_block // 1024} KB shared memory per block")
-    return 0
+    gpus = [get_gpu(name) for name in list_gpus()]
+    if args.json:
+        print_json({"gpus": [{**g.to_dict(), "device_names": list(g.device_names)} for g in gpus]})
+        return EXIT_OK
+    for g in gpus:
+        print(f"{g.name:10} {g.arch:7} {g.sm_count:4} SMs  {g.smem_per_block // 1024} KB shared memory per block")
+    return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------- doctor
+# (label, distribution names tried in order)
+DOCTOR_PACKAGES = (
+    ("sparvar-compiler", ("sparvar-compiler",)), ("torch", ("torch",)), ("triton", ("triton",)),
+    ("numpy", ("numpy",)), ("sqlalchemy", ("sqlalchemy", "SQLAlchemy")), ("optuna", ("optuna",)),
+    ("jinja2", ("jinja2", "Jinja2")), ("pyyaml", ("pyyaml", "PyYAML")), ("tqdm", ("tqdm",)),
+    ("tvm", ("apache-tvm", "tvm")), ("apache-tvm-ffi", ("apache-tvm-ffi",)),
+    ("psycopg", ("psycopg", "psycopg-binary")), ("matplotlib", ("matplotlib",)),
+)
+DISTRIBUTIONS = {label: names[0] for label, names in DOCTOR_PACKAGES}
+CORE = ("torch", "triton", "numpy", "sqlalchemy", "jinja2", "pyyaml")
+# feature -> (what it is, packages it needs, the extra that installs them)
+FEATURES = {
+    "compile": ("compile modules for any registered GPU, no GPU needed (core)", CORE, None),
+    "tune": ("tune kernels on this host (needs the target GPU here)", (*CORE, "optuna"), None),
+    "tvm": ("TVM kernel backend (--backend tvm)", ("tvm", "apache-tvm-ffi"), "tvm"),
+    "postgres": ("PostgreSQL tuning database shared by a fleet", ("psycopg",), "postgres"),
+    "plots": ("pictures: plan/inspect --plot, fidelity heat maps", ("matplotlib",), "plot"),
+    "runtime": ("load and run an emitted module (runtime.load)", ("torch", "numpy", "pyyaml"), None),
+}
+
+
+def _dist_version(names: Sequence[str]) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        except Exception:  # noqa: BLE001 - a broken installation reads as missing
+            continue
+    return None
+
+
+def _gpu_report() -> dict[str, Any]:
+    """torch's view of the GPU (never raises): availability, name, arch, SM count, the registered GPU."""
+    from .planner.gpus import gpu_from_device_name
+
+    out: dict[str, Any] = {"cuda_available": False, "devices": 0, "name": None, "arch": None, "sm_count": None,
+                           "registered": None, "torch_cuda": None, "error": None}
+    try:
+        import torch
+
+        out["torch_cuda"] = getattr(torch.version, "cuda", None)
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            g = gpu_from_device_name(props.name, props.multi_processor_count)
+            out.update(cuda_available=True, devices=torch.cuda.device_count(), name=props.name,
+                       arch=f"sm_{props.major}{props.minor}", sm_count=props.multi_processor_count,
+                       registered=g.name if g is not None else None)
+    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _driver_report() -> dict[str, Any]:
+    out: dict[str, Any] = {"cuda_driver_api": None, "nvidia_driver": None}
+    try:
+        from .runtime.cuda_driver import CudaDriver
+
+        v = CudaDriver().driver_version()
+        out["cuda_driver_api"] = f"{v // 1000}.{v % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - no driver library: no version
+        pass
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            text = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip().splitlines()
+            out["nvidia_driver"] = text[0].strip() if text else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def _tools_report() -> dict[str, Any]:
+    import shutil
+
+    tools: dict[str, Any] = {name: shutil.which(name) for name in ("nvcc", "cuobjdump", "ptxas", "nvidia-smi")}
+    try:  # Triton ships its own ptxas, which is what compiles our Triton kernels for a named GPU
+        from importlib.util import find_spec
+
+        spec = find_spec("triton")
+        if spec is not None and spec.submodule_search_locations:
+            bundled = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / "ptxas"
+            tools["triton_ptxas"] = str(bundled) if bundled.is_file() else None
+    except Exception:  # noqa: BLE001
+        tools["triton_ptxas"] = None
+    return tools
+
+
+def _database_paths() -> tuple[Path, Path]:
+    """The user (cache) and shipped database paths, as :mod:`sparvar_compiler.db` resolves them."""
+    try:
+        from .db import shipped_database_path, user_database_path
+
+        return user_database_path(), shipped_database_path()
+    except ImportError:
+        # The db package needs SQLAlchemy; doctor must still say where the files would be (same rules).
+        from .resources import data_dir
+
+        root, xdg = os.environ.get("SPARVAR_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME")
+        user = (Path(root).expanduser() if root else
+                (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sparvar") / "tuning.sqlite"
+        return user, data_dir("tuning_db") / "sparvar.sqlite"
+
+
+def _database_report() -> dict[str, Any]:
+    """Paths only: nothing is opened (or created)."""
+    out: dict[str, Any] = {}
+    env = os.environ.get(DB_ENV)
+    out["sparvar_db"] = mask_url(env) if env else None
+    try:
+        user, shipped = _database_paths()
+        out.update(user=str(user), user_exists=user.is_file(), shipped=str(shipped), shipped_exists=shipped.is_file())
+        top = out["sparvar_db"] or out["user"]
+        out["compile_uses"] = [top, out["shipped"]] if shipped.is_file() else [top]
+    except Exception as e:  # noqa: BLE001 - doctor reports, never crashes
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def doctor_report() -> dict[str, Any]:
+    """Everything ``doctor`` prints, as data: ``python``, ``platform``, ``packages`` (label -> version or None),
+    ``gpu``, ``driver``, ``tools``, ``databases``, ``triton_cache`` and ``features`` (name -> ``ok``,
+    ``missing``, ``install``, ``what``)."""
+    import platform
+
+    packages = {label: _dist_version(names) for label, names in DOCTOR_PACKAGES}
+    packages["sparvar-compiler"] = packages["sparvar-compiler"] or __version__
+    gpu = _gpu_report() if packages["torch"] else {"cuda_available": False, "error": "torch is not installed"}
+    tools = _tools_report()
+    features: dict[str, Any] = {}
+    for name, (what, needs, extra) in FEATURES.items():
+        missing = [p for p in needs if not packages.get(p)]
+        if name == "tune":
+            if not gpu.get("cuda_available"):
+                missing.append("a CUDA GPU")
+            elif not gpu.get("registered"):
+                missing.append(f"a registered GPU ({', '.join(list_gpus())}); this one is {gpu.get('name')}")
+        if name == "tvm" and not tools.get("nvcc"):
+            missing.append("nvcc (builds TVM's CUDA kernels)")
+        install = None
+        packages_missing = [p for p in missing if p in needs]
+        if packages_missing:
+            install = (f"pip install 'sparvar-compiler[{extra}]'" if extra else
+                       "pip install " + " ".join(DISTRIBUTIONS.get(p, p) for p in packages_missing))
+        features[name] = {"ok": not missing, "what": what, "missing": missing, "install": install}
+    return {
+        "python": platform.python_version(), "executable": sys.executable,
+        "platform": platform.platform(), "packages": packages, "gpu": gpu, "driver": _driver_report(),
+        "tools": tools, "databases": _database_report(),
+        "triton_cache": os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache"),
+        "features": features,
+    }
+
+
+def format_doctor(r: dict[str, Any]) -> str:
+    lines = [f"python            {r['python']} ({r['executable']})", f"platform          {r['platform']}", "",
+             "packages"]
+    for label, version in r["packages"].items():
+        lines.append(f"  {label:<18}{version or 'missing'}")
+    g = r["gpu"]
+    lines += ["", "GPU"]
+    if g.get("cuda_available"):
+        reg = g["registered"] or f"not registered ({', '.join(list_gpus())})"
+        lines.append(f"  {g['name']}: {g['arch']}, {g['sm_count']} SMs, {g['devices']} device(s); registered GPU: "
+                     f"{reg}")
+    else:
+        lines.append("  no CUDA GPU visible to torch" + (f" ({g['error']})" if g.get("error") else ""))
+    d = r["driver"]
+    lines.append(f"  CUDA driver API {d['cuda_driver_api'] or '-'}, NVIDIA driver {d['nvidia_driver'] or '-'}, "
+                 f"torch built for CUDA {g.get('torch_cuda') or '-'}")
+    lines += ["", "tools"]
+    for name, path in r["tools"].items():
+        lines.append(f"  {name:<16}{path or 'not found'}")
+    db = r["databases"]
+    lines += ["", "databases"]
+    if "error" in db:
+        lines.append(f"  error: {db['error']}")
+    else:
+        lines.append(f"  user            {db['user']}{'' if db['user_exists'] else ' (not created yet)'}")
+        lines.append(f"  shipped         {db['shipped']}{'' if db['shipped_exists'] else ' (missing)'}")
+        lines.append(f"  compile reads   {' over '.join(db['compile_uses'])} (tune and db import write to the "
+                     "first)")
+    lines.append(f"  {DB_ENV:<16}{db['sparvar_db'] or 'not set'}")
+    lines.append(f"triton cache      {r['triton_cache']}")
+    lines += ["", "features"]
+    for name, f in r["features"].items():
+        state = "ok" if f["ok"] else "missing " + "; ".join(f["missing"])
+        lines.append(f"  {name:<9} {state}" + (f"  -> {f['install']}" if f["install"] else ""))
+        lines.append(f"  {'':<9} {f['what']}")
+    return "\n".join(lines)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    report = doctor_report()
+    if args.json:
+        print_json(report)
+    else:
+        print(format_doctor(report))
+    return EXIT_OK  # missing features are reported, not failures
+
+
+# ---------------------------------------------------------------------------------------------- parser
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="triton", help="comma-separated kernel backends (triton, tvm)")
     p.add_argument("--block-sizes", default="64,128", help="layout block sizes the tuner may choose from")
@@ -427,29 +1103,43 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, help="time budget per workload, seconds")
 
 
+def _add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout")
+
+
+_DB_HELP = (f"tuning database URL or path, used alone (default: {{default}}); a PostgreSQL URL is best given "
+            f"as ${DB_ENV} (keeps the password off the command line)")
+_USER_DB = (f"${DB_ENV}, else the cache database ($SPARVAR_CACHE_DIR, $XDG_CACHE_HOME/sparvar or "
+            "~/.cache/sparvar)/tuning.sqlite")
+_READ_DB = f"${DB_ENV} (else the cache database) over the shipped one"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparvar-compile",
         description="Compile a VAR model's scale schedule into block-sparse attention kernels (SparVAR).",
-        epilog="Without a sub-command, runs 'compile': sparvar-compile --model infinity-8b --gpu h100")
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sparvar-compiler {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("compile", help="plan, generate, tune and emit a runtime module (the main job)")
-    _add_plan_args(p)
+    add_plan_args(p)
     p.add_argument("--gpu", required=True, help=f"target GPU ({', '.join(list_gpus())})")
     p.add_argument("-o", "--output", type=Path, help="output directory of the runtime module")
-    p.add_argument("--db", help="tuning database URL or path (default: your cache database over the shipped one)")
+    p.add_argument("--db", help=_DB_HELP.format(default=_READ_DB))
     p.add_argument("--tune", choices=("auto", "never", "always"), default="auto",
                    help="tune what the database lacks: auto = when the target GPU is present here")
+    p.add_argument("--batch", type=int, default=2,
+                   help="batch the kernels are tuned at (default 2: CFG of one image); any batch runs")
     _add_kernel_args(p)
+    _add_json(p, "the summary (module path, kernels, tuned flags, expected ms, tuning)")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("tune", help="tune the plan's kernels on the local GPU into the tuning database")
-    _add_plan_args(p)
+    add_plan_args(p)
     p.add_argument("--gpu", required=True)
-    p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite); a PostgreSQL URL "
-                                "lets several workers share one study")
+    p.add_argument("--db", help=_DB_HELP.format(default=_USER_DB) + "; workers sharing one database share one "
+                                                                    "Optuna study per workload")
     p.add_argument("--worker", help="a name for this worker in the records")
     p.add_argument("--worker-slot", type=_worker_slot, metavar="I/K",
                    help="this worker is number I of K sharing --db: it starts on workload I*n/K (--workers sets "
@@ -461,39 +1151,67 @@ def build_parser() -> argparse.ArgumentParser:
                         "without compilers; replay: ingest that host's --replay results into the database")
     p.add_argument("--bundle", type=Path, help="bundle directory (--runner bundle)")
     p.add_argument("--replay", type=Path, help="measured results file (--runner replay)")
+    p.add_argument("--batch", type=int, default=2, help="batch to tune at (default 2: CFG of one image)")
     _add_kernel_args(p)
+    _add_json(p, "the winners table")
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("verify", help="check a runtime module (hashes, manifest, files) without a GPU")
+    p = sub.add_parser("verify", help="check a runtime module (hashes, manifest, files) without a GPU; exit 1 if bad")
     p.add_argument("directory", type=Path)
     p.add_argument("--gpu", help="also require that the module targets this GPU")
+    _add_json(p, "the verdict ({\"ok\": ...})")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("inspect", help="print a runtime module's summary")
     p.add_argument("directory", type=Path)
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw the layer x scale dispatch map and per-scale expected ms against dense")
+    _add_json(p, "the module's summary")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("db", help="tuning database: stats, export winners to JSON, import them")
     p.add_argument("action", choices=("stats", "export", "import"))
     p.add_argument("file", nargs="?", type=Path)
-    p.add_argument("--db", help="database URL or path (default: ~/.cache/sparvar/tuning.sqlite)")
+    p.add_argument("--db", help=_DB_HELP.format(default=f"stats: {_READ_DB}, what compile reads; export/import: "
+                                                        + _USER_DB))
+    _add_json(p, "the statistics or counts")
     p.set_defaults(func=_cmd_db)
 
     p = sub.add_parser("plan", help="print the plan: per scale grid, lengths, modes and block sparsity")
-    _add_plan_args(p)
-    p.add_argument("--block-m", type=int, default=128, help="query block (16..256, power of two)")
-    p.add_argument("--block-n", type=int, default=128, help="key block (16..256, power of two)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_plan_args(p)
+    p.add_argument("--block-m", type=int, help="query block (16..256, power of two; default 128, --plot: the "
+                                               "module's default block)")
+    p.add_argument("--block-n", type=int, help="key block (as --block-m)")
+    _add_json(p, "the plan (instead of the table)")
     p.add_argument("--export-layouts", type=Path, metavar="DIR",
-                   help="write scale<index>.npy boolean [q_blocks, kv_blocks] active-block arrays")
-    p.add_argument("--plot", type=Path, metavar="DIR", help="write scale<index>.png pictures of the layouts")
+                   help="write per CSLA scale scale<i>.npy (active blocks), scale<i>.blockmask.npz (FlexAttention "
+                        "BlockMask) and scale<i>.bsr.npz (BSR, FlashInfer), and README.txt on loading them")
+    p.add_argument("--plot", type=Path, metavar="DIR",
+                   help="write scale<i>.png pictures of the layouts, key-scale boundaries drawn")
     p.set_defaults(func=_cmd_plan)
 
     from .fidelity.cli import add_commands as add_fidelity_commands
 
     add_fidelity_commands(sub)  # fidelity, calibrate
-    sub.add_parser("models", help="list registered models").set_defaults(func=_cmd_models)
-    sub.add_parser("gpus", help="list registered GPUs").set_defaults(func=_cmd_gpus)
+    p = sub.add_parser("models", help="list registered models")
+    _add_json(p, "the models")
+    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("gpus", help="list registered GPUs")
+    _add_json(p, "the GPUs")
+    p.set_defaults(func=_cmd_gpus)
+    p = sub.add_parser("doctor", help="versions, the GPU, database paths and what each feature is missing")
+    _add_json(p, "the report")
+    p.set_defaults(func=_cmd_doctor)
     return parser
+
+
+def _install_hint(e: ModuleNotFoundError) -> str | None:
+    """How to install the dependency whose import failed, or None if it is not one of ours (a bug)."""
+    root = (e.name or "").split(".")[0]
+    if root in EXTRAS:
+        return f"pip install 'sparvar-compiler[{EXTRAS[root]}]'"
+    if root in REQUIRED:
+        return f"pip install {REQUIRED[root]}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -504,13 +1222,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # what a parent process re-runs in its workers (tune --workers)
     if args.command is None:
-        parser.print_help()
-        return 2
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args))
     except SparvarError as e:
-        print(f"sparvar-compile: error: {e}", file=sys.stderr)
-        return 2
+        note(f"sparvar-compile: error: {e}")
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        hint = _install_hint(e)
+        if hint is None:
+            raise
+        note(f"sparvar-compile: error: this needs {e.name}, which is not installed: {hint} ('sparvar-compile "
+             "doctor' lists what each feature needs)")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        note("sparvar-compile: interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

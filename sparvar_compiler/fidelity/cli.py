@@ -3,7 +3,10 @@
 ``fidelity --model M (--captures DIR | --synthetic PRESET)``: per scale and plan mode, captured softmax mass and
 output error vs dense; writes ``fidelity.json`` and ``fidelity.png`` (layers x scales heat maps).
 ``calibrate --model M (--captures DIR | --synthetic PRESET)``: recommends the cheapest plan config meeting a
-fidelity floor on that data and writes it as plan-config YAML (``--plan-config`` of every other command).
+fidelity floor on that data and writes it as plan-config YAML (``--plan-config`` of every other command);
+``--storage URL`` keeps its Optuna study in that database (open it with ``optuna-dashboard URL``).
+
+Results go to stdout; progress and notes to stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_args import add_plan_args, mask_url, plan_from_args
 from ..errors import SparvarError
 from .modes import ALL_MODES, DEFAULT_MODES
 
@@ -74,11 +78,10 @@ def default_synthetic_layers(depth: int, bound: int, count: int = SYNTHETIC_LAYE
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from ..cli import _plan_from_args
     from .evaluate import EvalOptions, evaluate
     from .report import format_table, summarise, write_heatmap, write_json
 
-    plan = _plan_from_args(args)
+    plan = plan_from_args(args)
     source = _source(args, plan, all_layers=False)
     if args.layers and args.synthetic:
         source.layers = tuple(args.layers)  # type: ignore[misc]
@@ -99,27 +102,31 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     png = write_heatmap(ev, out / "fidelity.png")
     print(format_table(summarise(ev), synthetic=args.synthetic is not None))
     for note in ev.notes:
-        print(f"note: {note}")
-    print(f"\nwrote {path}" + (f" and {png}" if isinstance(png, Path) else f"; {png}")
-          + f" ({ev.seconds:.1f} s, rows per scale {ev.rows})")
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {path}" + (f" and {png}" if isinstance(png, Path) else f"; {png}")
+          + f" ({ev.seconds:.1f} s, rows per scale {ev.rows})", file=sys.stderr)
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..cli import _plan_from_args
     from .calibrate import Floor, SearchSpace, calibrate
 
-    plan = _plan_from_args(args)
+    plan = plan_from_args(args)
     source = _source(args, plan, all_layers=True)
     floor = Floor(args.min_mass, args.max_error, args.aggregate)
     space = SearchSpace.default(plan)
     if args.decision_scales or args.blocks or args.topk_fractions:
-        space = SearchSpace(args.decision_scales or space.decision_scales,
-                            blocks=args.blocks or space.blocks, topk_fractions=args.topk_fractions or space.topk_fractions)
+        space = SearchSpace(args.decision_scales or space.decision_scales, blocks=args.blocks or space.blocks,
+                            topk_fractions=args.topk_fractions or space.topk_fractions)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    kept = {}
+    if args.storage:
+        kept = {"storage": args.storage, "study_name": args.study_name or calibration_study_name(plan, args)}
+        print(f"calibrate: Optuna study {kept['study_name']!r} kept in {mask_url(args.storage)} (optuna-dashboard "
+              "URL shows it)", file=sys.stderr)
     res = calibrate(source, plan, floor, trials=args.trials, search_layers=args.search_layers,
                     query_sample=128 if args.query_sample is None else args.query_sample, space=space,
-                    seed=args.seed, max_verify=args.max_verify, layers=args.layers, progress=progress)
+                    seed=args.seed, max_verify=args.max_verify, layers=args.layers, progress=progress, **kept)
     out = args.output or Path(f"calibrated-{plan.model}.yaml")
     res.write_yaml(out)
     if args.json:
@@ -127,17 +134,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
     print(res.yaml_text())
     for note in res.notes:
-        print(f"note: {note}")
-    print(f"wrote {out}" + (f" and {args.json}" if args.json else "") + f" in {res.seconds:.1f} s")
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else "") + f" in {res.seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def calibration_study_name(plan, args: argparse.Namespace) -> str:
+    """A readable Optuna study name: :func:`~.calibrate.default_study_name` (model, image) and the data and the
+    floor, e.g. ``calibrate/infinity-8b/1024px-1:1/synthetic-mixed/min-mass>=0.9``: a study continued with other
+    data or another floor would mix objectives."""
+    from .calibrate import default_study_name
+
+    data = f"synthetic-{args.synthetic}" if args.synthetic else f"captures-{Path(args.captures).name}"
+    error = f",error<={args.max_error:g}" if args.max_error is not None else ""
+    return f"{default_study_name(plan)}/{data}/{args.aggregate}-mass>={args.min_mass:g}{error}"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``fidelity`` and ``calibrate`` on the main parser's sub-commands."""
-    from ..cli import _add_plan_args
-
     p = sub.add_parser("fidelity", help="captured attention mass and output error of every plan mode vs dense")
-    _add_plan_args(p)
+    add_plan_args(p)
     _add_source_args(p)
     p.add_argument("--layers", type=_int_list, help="layers to evaluate (default: captured ones; synthetic: "
                                                     f"{SYNTHETIC_LAYERS} evenly spaced plus the bound)")
@@ -149,7 +165,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("calibrate", help="recommend the cheapest plan config meeting a fidelity floor (Optuna)")
-    _add_plan_args(p)
+    add_plan_args(p)
     _add_source_args(p)
     p.add_argument("--layers", type=_int_list, help="layers to use (default: all captured; synthetic: all)")
     p.add_argument("--min-mass", type=float, default=0.9, help="captured-mass floor (default 0.9)")
@@ -166,4 +182,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk-fractions", type=_float_list, help="CS4A top-k fractions (default .1,.15,.2,.3,.4)")
     p.add_argument("-o", "--output", type=Path, help="plan-config YAML (default calibrated-<model>.yaml)")
     p.add_argument("--json", type=Path, help="also write every trial and the verification as JSON")
+    p.add_argument("--storage", metavar="URL",
+                   help="keep the Optuna study in this database (a SQLAlchemy URL such as sqlite:///cal.sqlite or "
+                        "a PostgreSQL URL, or a file path): 'optuna-dashboard URL' shows every trial, and a rerun "
+                        "with the same study continues it")
+    p.add_argument("--study-name", help="Optuna study name with --storage (default: calibrate/MODEL/RESpx-ASPECT/"
+                                        "DATA/FLOOR, e.g. calibrate/infinity-8b/1024px-1:1/synthetic-mixed/"
+                                        "min-mass>=0.9)")
     p.set_defaults(func=_cmd_calibrate)
