@@ -70,7 +70,9 @@ class InfinityConfig:
     cfg_scale:
         Classifier-free guidance weight used to combine the two halves of the batch.
     batch:
-        2: the conditional and the unconditional half of one image (CFG).
+        2: the conditional and the unconditional half of one image (CFG); ``2 n`` is ``n`` images (rows
+        ``0..n-1`` conditional, ``n..2n-1`` their unconditional halves, as Infinity orders them); 1 is one
+        image without CFG.
     q_scale_range:
         Per-head query scales are drawn uniformly from this range (Infinity's learned values are <= 100).
     init_std:
@@ -268,7 +270,10 @@ class InfinityGenerator(torch.nn.Module):
             text_v.append(kv[:, :, 1].transpose(1, 2).contiguous())
         x = (F.linear(pooled, self.sos_w, self.sos_b) + self.lvl_embed[0]).unsqueeze(1)  # [B, 1, W]
         H_last, W_last = c.grids[-1]
-        f_hat = torch.zeros(1, c.code_dim, H_last, W_last, device=text.device, dtype=torch.float32)
+        images = B // 2 if B > 1 else 1
+        if B > 1 and B % 2:
+            raise ValueError(f"a CFG batch must be even (conditional + unconditional halves), got {B}")
+        f_hat = torch.zeros(images, c.code_dim, H_last, W_last, device=text.device, dtype=torch.float32)
         return ImageState(ada, head_ada, text_k, text_v, x, f_hat, [None] * c.depth, [None] * c.depth, 0)
 
     def _block(self, layer: int, x: torch.Tensor, state: ImageState, scale_index: int, attn: Attention,
@@ -322,9 +327,10 @@ class InfinityGenerator(torch.nn.Module):
         shift, scale = state.head_ada.unbind(2)
         h = F.layer_norm(x, (c.width,)) * (scale + 1) + shift
         codes = F.linear(h, self.head_w, self.head_b).float()  # [B, N, code_dim]
-        guided = (1 + c.cfg_scale) * codes[0] - c.cfg_scale * codes[1]
+        n = state.f_hat.shape[0]  # images: B // 2 with CFG, 1 without
+        guided = codes if x.shape[0] == 1 else (1 + c.cfg_scale) * codes[:n] - c.cfg_scale * codes[n:]
         hs, ws = c.grids[s]
-        latent = guided.transpose(0, 1).reshape(1, c.code_dim, hs, ws)
+        latent = guided.transpose(1, 2).reshape(n, c.code_dim, hs, ws)
         H_last, W_last = c.grids[-1]
         if (hs, ws) != (H_last, W_last):
             latent = F.interpolate(latent, size=(H_last, W_last), mode="bilinear", align_corners=False)
@@ -334,14 +340,14 @@ class InfinityGenerator(torch.nn.Module):
             hn, wn = c.grids[s + 1]
             down = F.interpolate(state.f_hat, size=(hn, wn), mode="area") if (hn, wn) != (H_last, W_last) \
                 else state.f_hat
-            tokens = down.reshape(c.code_dim, hn * wn).transpose(0, 1).to(self.dtype)
-            nxt = F.linear(tokens, self.word_w, self.word_b) + self.lvl_embed[s + 1]
-            state.x = nxt.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
+            tokens = down.reshape(n, c.code_dim, hn * wn).transpose(1, 2).to(self.dtype)
+            nxt = F.linear(tokens, self.word_w, self.word_b) + self.lvl_embed[s + 1]  # [n, tokens, W]
+            state.x = nxt.repeat(x.shape[0] // n, 1, 1).contiguous()  # the same input for both CFG halves
 
     def generate(self, text: torch.Tensor, attn: Attention = dense_attention, skip_last: int = 0,
                  cross_attn: CrossAttention | None = None) -> torch.Tensor:
         """One image: every scale but the last ``skip_last`` (whose transformer passes are skipped; the
-        accumulated latent already lives on the last grid). Returns ``f_hat [1, code_dim, H_last, W_last]``."""
+        accumulated latent already lives on the last grid). Returns ``f_hat [images, code_dim, H_last, W_last]``."""
         if not 0 <= skip_last < self.config.num_scales:
             raise ValueError(f"skip_last must be in 0..{self.config.num_scales - 1}, got {skip_last}")
         state = self.begin_image(text)

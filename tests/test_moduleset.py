@@ -66,7 +66,7 @@ def test_set_verifies_and_pools_its_kernels(module_set, tiny_model):
 
 def test_loader_picks_a_member_by_grid(module_set, tiny_model):
     out, _ = module_set
-    modules = rt.load(out)
+    modules = rt.load(out, device="cpu")
     assert isinstance(modules, rt.ModuleSet) and len(modules) == 3
     for aspect in ASPECTS:
         plan = make_plan(tiny_model, 256, aspect)
@@ -106,7 +106,7 @@ def test_every_member_runs_any_batch_like_the_references(module_set, tiny_model,
     """Kernels tuned at batch 2 run batches 1, 2 and 4: CSLA layers against the layout's token mask, CS4A
     layers against the reference pipeline (selection from the decision scale, residual), dense layers dense."""
     out, _ = module_set
-    modules = rt.load(out)
+    modules = rt.load(out, device="cpu")
     for aspect in ASPECTS:
         plan = make_plan(tiny_model, 256, aspect)
         m = modules.member_for(plan.grids)
@@ -152,7 +152,7 @@ def test_every_member_runs_any_batch_like_the_references(module_set, tiny_model,
 def test_batches_are_independent(module_set, tiny_model):
     """Each batch element of a batch-4 call is what a batch-1 call on it gives (CS4A state included)."""
     out, _ = module_set
-    m = rt.load(out).member(member_name(256, "4:3"))
+    m = rt.load(out, device="cpu").member(member_name(256, "4:3"))
     plan = make_plan(tiny_model, 256, "4:3")
     inputs, outs = _run_image(m, plan, 0, 4, seed=7)
     for b in (0, 3):
@@ -171,20 +171,20 @@ def test_tampered_or_separated_members_are_refused(module_set, tmp_path):
     blob[len(blob) // 2] ^= 1
     pooled.write_bytes(bytes(blob))
     with pytest.raises(ModuleError, match="shared file .* was modified"):
-        rt.load(copy)
+        rt.load(copy, device="cpu")
     alone = tmp_path / "alone"
     shutil.copytree(out / manifest["members"][0]["name"], alone)
     with pytest.raises(ModuleError, match="member of a module set"):
-        rt.load(alone)
+        rt.load(alone, device="cpu")
     shutil.copytree(out, tmp_path / "set2")
     (tmp_path / "set2" / "stray.txt").write_text("x")
     with pytest.raises(ModuleError, match="stray.txt is not part of the module set"):
-        rt.load(tmp_path / "set2")
+        rt.load(tmp_path / "set2", device="cpu")
 
 
 def test_operator_matches_the_direct_call(module_set, tiny_model):
     out, _ = module_set
-    m = rt.load(out).member(member_name(256, "1:1"))
+    m = rt.load(out, device="cpu").member(member_name(256, "1:1"))
     plan = make_plan(tiny_model, 256, "1:1")
     s = plan.scales[-1]
     layer = plan.depth - 1
@@ -202,7 +202,7 @@ def test_operator_matches_the_direct_call(module_set, tiny_model):
 def test_operator_compiles_fullgraph(module_set, tiny_model):
     """``torch.compile(fullgraph=True)`` of code calling the operator: one graph, same numbers."""
     out, _ = module_set
-    m = rt.load(out).member(member_name(256, "1:1"))
+    m = rt.load(out, device="cpu").member(member_name(256, "1:1"))
     plan = make_plan(tiny_model, 256, "1:1")
     s = plan.scales[-1]
     layer = plan.depth - 1
@@ -216,3 +216,28 @@ def test_operator_compiles_fullgraph(module_set, tiny_model):
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     assert relative_error(compiled(q, k, v), block(q, k, v)) == 0
+
+
+def test_cli_emits_and_verifies_a_module_set(tiny_model, tmp_path, capsys):
+    """``compile --aspect all`` (and a list) emits a set; verify --json checks it; plan refuses several aspects."""
+    from sparvar_compiler.cli import main
+
+    yaml = tmp_path / "tiny.yaml"
+    yaml.write_text(TINY)
+    out = tmp_path / "set"
+    assert main(["compile", "--model", str(yaml), "--gpu", "h100", "--resolution", "256", "--aspect", "all",
+                 "--block-sizes", "32", "--batch", "4", "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["module_set"] == str(out) and doc["batch"] == 4
+    assert [m["aspect"] for m in doc["members"]] == list(ASPECTS)
+    assert doc["stats"]["distinct_kernels"] < doc["stats"]["kernels"]
+    assert all(json.loads((out / m["name"] / "manifest.json").read_text())["batch"] == 4 for m in doc["members"])
+    assert main(["verify", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["members"] == [m["name"] for m in doc["members"]]
+    two = tmp_path / "two"
+    assert main(["compile", "--model", str(yaml), "--gpu", "h100", "--resolution", "256", "--aspect", "4:3,3:4",
+                 "--block-sizes", "32", "-o", str(two)]) == 0
+    assert [m["aspect"] for m in rt.load(two, device="cpu").manifest["members"]] == ["4:3", "3:4"]
+    capsys.readouterr()
+    assert main(["plan", "--model", str(yaml), "--aspect", "all"]) == 2
+    assert "only 'compile' emits" in capsys.readouterr().err
