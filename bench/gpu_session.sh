@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-host session: GPU tests, TVM bundle check, tuning, module end-to-end. Run from the repo root on the
 # GPU host with the wheels in .whl (optuna, sqlalchemy, ...) and, optionally, a TVM bundle in tvm_bundle/.
-# Usage: bash bench/gpu_session.sh STEP...   (steps: info host tests ktests tvm tune e2e cs4a kernels ncu)
+# Usage: bash bench/gpu_session.sh STEP...   (steps: info host tests ktests gtests batchk tvm tune e2e cs4a kernels ncu
+#        opcost realinf)
 # ncu profiles NCU_CASES ("tag|kind|config-json;..."), one Nsight Compute report each, into $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -19,6 +20,11 @@ for step in "$@"; do
     ktests) timeout ${KTESTS_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 ;;
     tests) timeout ${TESTS_S:-240} python3 -m pytest -v -x -p no:cacheprovider -o faulthandler_timeout=200 tests/test_gpu_module.py 2>&1 | tail -60
            timeout 90 python3 -m pytest -v -p no:cacheprovider tests/test_cubin_launcher.py -k "probe_runs or graph_capturable or another_thread or device_limits or triton_cubin" 2>&1 | grep -E "PASS|FAIL|ERROR|passed|failed" | tail -12 ;;
+    gtests) timeout ${GTESTS_S:-420} python3 -m pytest -v -x -p no:cacheprovider -m gpu tests/test_gpu_module.py 2>&1 | grep -E "PASS|FAIL|ERROR|Error|assert|passed|failed" | tail -40 ;;
+    batchk) timeout ${BATCHK_S:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py -k "any_batch or cubins_scale" 2>&1 | tail -8 ;;
+    opcost) timeout ${OPCOST_S:-200} python3 bench/op_overhead.py --module "${MODULE:-out/8b-h200}" --out "$OUT/op-overhead-$GPU.json" 2>&1 | tail -12 ;;
+    realinf) timeout ${REALINF_S:-500} python3 bench/real_infinity.py --infinity "${INFINITY_SRC:-out/infinity-src}" --module "${MODULE:-out/8b-h200}" \
+               --model "${MODEL:-infinity-8b}" --images "${IMAGES:-5}" ${REALINF_ARGS:-} --out "$OUT/real-infinity-$GPU.json" 2>&1 | tail -40 ;;
     tvm) [ -d tvm_bundle ] && timeout 100 python3 -X faulthandler -c "import faulthandler,sys,runpy; faulthandler.dump_traceback_later(80); sys.argv=['x','verify','tvm_bundle','--out','$OUT/tvm-verify.json']; runpy.run_module('sparvar_compiler.codegen.tvm_backend', run_name='__main__')" 2>&1 | tail -60 ;;
     tune) timeout ${TUNE_S:-300} python3 -m sparvar_compiler tune --model "${MODEL:-infinity-8b}" --gpu "$GPU" --trials "${TRIALS:-10}" \
             --block-sizes "${BLOCKS:-64,128}" --db "$OUT/tune.sqlite" 2>&1 | grep -v "^  \[" | tail -30 ;;

@@ -22,6 +22,7 @@ from ..codegen.artifact import CompiledKernel
 from ..codegen.spec import DTYPES, KernelInputError
 from ..emit.manifest import ModuleError, module_file, verify_module
 from ..planner.gpus import gpu_from_device_name
+from . import op as _op
 
 
 class SparvarModule:
@@ -79,9 +80,7 @@ class SparvarModule:
                 self._tables[name] = {t: torch.from_numpy(a.copy()).to(self.device) for t, a in arrays.items()}
         for row in m["dispatch"]:
             self._ops[row["scale"]][row["layer"]] = (row["op"], row["kernel"])
-        from .op import register
-
-        self.op_key = register(self)  # what torch.ops.sparvar.attention calls this module by
+        self.op_key = _op.register(self)  # what torch.ops.sparvar.attention calls this module by
         self.cs4a = None
         if m.get("cs4a"):
             from .cs4a import CS4ARuntime
@@ -134,9 +133,7 @@ class SparvarModule:
                      scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`attention` through the ``torch.ops.sparvar.attention`` operator (what ``torch.compile``
         traces as one node)."""
-        from . import op
-
-        return op.attention(q, k, v, self.op_key, int(scale_index), int(layer_index),
+        return _op.attention(q, k, v, self.op_key, int(scale_index), int(layer_index),
                             self.default_scale if scale is None else float(scale), out)
 
     def op(self, scale_index: int, layer_index: int) -> tuple[str, str | None]:
