@@ -127,20 +127,40 @@ class InfinityPatch:
 
 
 class LayerAttention:
-    """Infinity's ``attn_fn`` for one layer: ``(q, k, v, scale=...) -> out`` through the module."""
+    """Infinity's ``attn_fn`` for one layer: ``(q, k, v, scale=...) -> out`` through the module.
+
+    While ``appending`` (the block wrapper turned Infinity's own cache off for the call), k and v are this
+    scale's tokens only and the layer's KV cache is kept here, in the module's dtype: each scale casts and
+    appends its own tokens once, where Infinity would grow a float32 cache and attention would cast all of it
+    again (at 1024 px that is most of the memory traffic outside the matmuls). ``reset`` starts an image.
+    """
 
     def __init__(self, patch: InfinityPatch, layer: int):
         self._patch = patch
         self.layer = layer
+        self.appending = False
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.kv = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  **unused: Any) -> torch.Tensor:
         patch = self._patch
         module = patch.member()
-        scale_index = module.scale_of(q.shape[2], k.shape[2])
         dtype = module.dtype
         # What SDPA does under autocast (Infinity passes float32 q/k and a bf16 v): compute in the module's dtype.
-        q, k, v_in = (t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in (q, k, v))
+        q = q if q.dtype == dtype and q.is_contiguous() else q.to(dtype).contiguous()
+        v_out = v.dtype
+        if self.appending:
+            k_new, v_new = k.to(dtype), v.to(dtype)
+            if self.kv is None:
+                k, v = k_new.contiguous(), v_new.contiguous()
+            else:
+                k, v = torch.cat((self.kv[0], k_new), dim=2), torch.cat((self.kv[1], v_new), dim=2)
+            self.kv = (k, v)
+        scale_index = module.scale_of(q.shape[2], k.shape[2])
+        k, v_in = (t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in (k, v))
         if patch.use_op:
             out = module.attention_op(q, k, v_in, scale_index, self.layer, scale)
         else:
@@ -148,7 +168,7 @@ class LayerAttention:
         if not torch.compiler.is_compiling():
             key = (module.manifest["plan"]["aspect"], scale_index, self.layer)
             patch.calls[key] = patch.calls.get(key, 0) + 1
-        return out if out.dtype == v.dtype else out.to(v.dtype)
+        return out if out.dtype == v_out else out.to(v_out)
 
 
 def _load(modules: Any, device: Any) -> Any:
@@ -183,7 +203,7 @@ def _check_fit(modules: Any, blocks: list[torch.nn.Module], sas: list[torch.nn.M
 
 
 def apply(model: torch.nn.Module, modules: Any, *, graphs: bool = False, use_op: bool = True,
-          device: Any = None) -> InfinityPatch:
+          own_kv_cache: bool = True, device: Any = None) -> InfinityPatch:
     """Patch a loaded Infinity model in place so that every self-attention call runs through ``modules``.
 
     Parameters
@@ -200,6 +220,10 @@ def apply(model: torch.nn.Module, modules: Any, *, graphs: bool = False, use_op:
     use_op:
         Call through ``torch.ops.sparvar.attention`` (default; needed for ``torch.compile``) or the module's
         Python method directly.
+    own_kv_cache:
+        Keep each layer's KV cache in the module's dtype here, appending each scale's tokens once, instead of
+        Infinity's float32 cache that attention casts whole at every scale (default; the numbers are the same,
+        since casting a concatenation is concatenating the casts). Infinity's ``kv_caching`` resets it.
     device:
         Where to load ``modules`` when it is a path (default: CUDA if available).
 
@@ -225,28 +249,57 @@ def apply(model: torch.nn.Module, modules: Any, *, graphs: bool = False, use_op:
     patch = InfinityPatch(modules, graphs, use_op, blocks)
     if graphs:
         patch.block_graphs = BlockGraphs()
-    _install(model, patch, sas, lambda layer: LayerAttention(patch, layer))
+    _install(model, patch, sas, lambda layer: LayerAttention(patch, layer), own_cache=own_kv_cache)
     return patch
 
 
 def _install(model: torch.nn.Module, patch: InfinityPatch, sas: list[torch.nn.Module],
-             attention: Callable[[int], Callable]) -> None:
-    """Wrap every block's forward to pass ``attention(layer)`` as its ``attn_fn`` and switch the hook on."""
+             attention: Callable[[int], Callable], own_cache: bool = False) -> None:
+    """Wrap every block's forward to pass ``attention(layer)`` as its ``attn_fn`` and switch the hook on; with
+    ``own_cache`` the attention keeps the KV cache (see :class:`LayerAttention`), reset by ``kv_caching``."""
     for layer, (block, sa) in enumerate(zip(patch.blocks, sas)):
-        had_forward = "forward" in vars(block)
-        patch.saved.append((block, sa, bool(sa.use_flex_attn), had_forward))
-        block.forward = _wrap_forward(patch, layer, block.forward, attention(layer))
+        attn_fn = attention(layer)
+        own = own_cache and hasattr(sa, "caching") and callable(getattr(sa, "kv_caching", None))
+        patch.saved.append((block, sa, bool(sa.use_flex_attn), "forward" in vars(block),
+                            "kv_caching" in vars(sa) if own else None))
+        block.forward = _wrap_forward(patch, layer, block.forward, attn_fn, sa if own else None)
+        if own:
+            sa.kv_caching = _wrap_kv_caching(sa.kv_caching, attn_fn)
         sa.use_flex_attn = True
     setattr(model, _PATCH_ATTR, patch)
 
 
-def _wrap_forward(patch: InfinityPatch, layer: int, original: Callable, attn_fn: Callable) -> Callable:
-    """The block's forward with this layer's ``attn_fn`` (and the image's schedule recorded)."""
+def _wrap_kv_caching(original: Callable, attn_fn: LayerAttention) -> Callable:
+    """Infinity's ``kv_caching(enable)`` (called at the start and end of every image) also resets our cache."""
+
+    def kv_caching(enable: bool) -> Any:
+        attn_fn.reset()
+        return original(enable)
+
+    kv_caching.__wrapped__ = original  # type: ignore[attr-defined]
+    return kv_caching
+
+
+def _wrap_forward(patch: InfinityPatch, layer: int, original: Callable, attn_fn: Callable,
+                  sa: torch.nn.Module | None = None) -> Callable:
+    """The block's forward with this layer's ``attn_fn`` (and the image's schedule recorded); with ``sa`` (the
+    block's self-attention, when the attention owns the KV cache) Infinity's own caching is off for the call."""
     i_attn = _arg_index(original, "attn_fn")
     i_sched = _arg_index(original, "scale_schedule")
     if i_attn is None:
         raise IntegrationError(f"block {layer}'s forward takes no attn_fn: not Infinity's block")
     patch_ref = patch
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if sa is None or not sa.caching:
+            return original(*args, **kwargs)
+        sa.caching = False
+        attn_fn.appending = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sa.caching = True
+            attn_fn.appending = False
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         schedule = kwargs.get("scale_schedule") if i_sched is None or len(args) <= i_sched else args[i_sched]
@@ -257,8 +310,8 @@ def _wrap_forward(patch: InfinityPatch, layer: int, original: Callable, attn_fn:
         else:
             kwargs["attn_fn"] = attn_fn
         if patch_ref.block_graphs is not None and not torch.compiler.is_compiling():
-            return patch_ref.block_graphs.run(layer, original, args, kwargs)
-        return original(*args, **kwargs)
+            return patch_ref.block_graphs.run(layer, call, args, kwargs)
+        return call(*args, **kwargs)
 
     forward.__wrapped__ = original  # type: ignore[attr-defined]
     forward._sparvar_layer = layer  # type: ignore[attr-defined]
@@ -270,11 +323,16 @@ def remove(model: torch.nn.Module) -> None:
     patch: InfinityPatch | None = getattr(model, _PATCH_ATTR, None)
     if patch is None:
         raise IntegrationError("this model is not patched by sparvar")
-    for block, sa, use_flex, had_forward in patch.saved:
+    for block, sa, use_flex, had_forward, had_kv_caching in patch.saved:
         if had_forward:
             block.forward = block.forward.__wrapped__
         else:
             del block.forward
+        if had_kv_caching is not None:
+            if had_kv_caching:
+                sa.kv_caching = sa.kv_caching.__wrapped__
+            else:
+                del sa.kv_caching
         sa.use_flex_attn = use_flex
     if patch.block_graphs is not None:
         patch.block_graphs.clear()
@@ -329,16 +387,20 @@ def capture(model: torch.nn.Module, writer: Any, layers: Iterable[int] | None = 
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
-def _flatten(value: Any, out: list[torch.Tensor]) -> Any:
-    """Replace every tensor in a nest of tuples/lists by a placeholder index into ``out``. Other objects (a
-    dict of RoPE tables, a callable) pass through by reference: a graph reads their tensors where they are."""
+@dataclass(frozen=True)
+class _Slot:
+    i: int
+
+
+def _split(value: Any, out: list[torch.Tensor]) -> Any:
+    """A tensor, or a tuple holding tensors (Infinity's ``ca_kv``), with each tensor replaced by a placeholder
+    index into ``out``. Anything else (the schedule, a dict of RoPE tables, a callable) passes through by
+    reference: a graph reads the tensors it holds where they are."""
     if isinstance(value, torch.Tensor):
         out.append(value)
         return _Slot(len(out) - 1)
-    if isinstance(value, tuple):
-        return tuple(_flatten(v, out) for v in value)
-    if isinstance(value, list):
-        return [_flatten(v, out) for v in value]
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_split(v, out) for v in value)
     return value
 
 
@@ -347,76 +409,142 @@ def _fill(value: Any, tensors: list[torch.Tensor]) -> Any:
         return tensors[value.i]
     if isinstance(value, tuple):
         return tuple(_fill(v, tensors) for v in value)
-    if isinstance(value, list):
-        return [_fill(v, tensors) for v in value]
     return value
 
 
-@dataclass(frozen=True)
-class _Slot:
-    i: int
+def _frozen(value: Any) -> Any:
+    """A hashable description of a non-tensor argument: numbers, strings and nests of them by content, other
+    objects by identity."""
+    if isinstance(value, _Slot) or isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return ("obj", id(value))
 
 
-def _signature_of(tree: Any) -> Any:
-    """A hashable description of the non-tensor structure (tensors are keyed by shape/dtype separately)."""
-    if isinstance(tree, _Slot):
-        return ("T", tree.i)
-    if isinstance(tree, (tuple, list)):
-        return (type(tree).__name__, tuple(_signature_of(v) for v in tree))
-    if isinstance(tree, (int, float, str, bool, type(None))):
-        return tree
-    return ("obj", id(tree))
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter (None for inference tensors, which have none: always copied)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static: list[torch.Tensor]      # what the graph reads, per input position
+    out: Any                        # what it writes (returned as is)
+    copy: list[bool]                # per input: copied in before a replay (False: it is an earlier graph's output)
 
 
 class BlockGraphs:
     """Per (layer, call signature) CUDA graphs of block forwards, sharing one memory pool.
 
-    A block call's tensors (the hidden state, conditioning, text keys) are copied into the graph's static inputs
-    and the graph is replayed; the returned tensor is the graph's static output. Tensors a block reads from its
-    own attributes (Infinity's KV cache) live in the pool at the addresses they had when captured, so graphs
-    must replay in the order they were captured, as generation does. The first time a signature is seen it runs
-    eagerly (warm-up: lazy allocations, cuBLAS handles); the second time it is captured (and run by replay).
+    The first time a signature is seen the block runs eagerly (warm-up: lazy allocations, library handles); the
+    second time it is captured (and run by one replay); later it is replayed. Tensors a block reads from its own
+    attributes (Infinity's KV cache) live in the pool at the addresses they had when captured, so graphs replay
+    in the order they were captured, as generation does.
+
+    Inputs cost as little as possible, since the small scales' blocks take microseconds: a block's hidden state
+    that is the previous graph's output is read in place (the graphs chain); inputs shared by every block (the
+    conditioning, the text keys) go through one static buffer per (position, shape), copied only when the caller
+    passes another tensor or changed it.
     """
 
     def __init__(self) -> None:
         self.pool = None
-        self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
+        self._graphs: dict[Any, _Graph] = {}
         self._warm: set[Any] = set()
+        self._shared: dict[Any, torch.Tensor] = {}
+        self._filled: dict[int, tuple[int, int]] = {}  # id(static buffer) -> (id(source), source._version)
+        self._sources: dict[int, torch.Tensor] = {}    # keeps each recorded source alive (ids stay unique)
+        self._outputs: set[int] = set()                # ids of graph outputs (read in place by later graphs)
+        self._frozen_cache: dict[int, tuple[Any, Any]] = {}
         self.captures = 0
         self.replays = 0
 
     def clear(self) -> None:
         self._graphs.clear()
         self._warm.clear()
+        self._shared.clear()
+        self._filled.clear()
+        self._sources.clear()
+        self._outputs.clear()
+        self._frozen_cache.clear()
+
+    def _freeze(self, value: Any) -> Any:
+        if isinstance(value, list):  # the schedule: the same list object every call of an image
+            hit = self._frozen_cache.get(id(value))
+            if hit is None or hit[0] is not value:
+                hit = (value, _frozen(value))
+                self._frozen_cache[id(value)] = hit
+            return hit[1]
+        return _frozen(value)
 
     def run(self, layer: int, fn: Callable, args: tuple, kwargs: dict) -> Any:
         tensors: list[torch.Tensor] = []
-        tree = (_flatten(args, tensors), {k: _flatten(v, tensors) for k, v in kwargs.items()})
+        a_tree = tuple(_split(v, tensors) for v in args)
+        k_tree = {k: _split(v, tensors) for k, v in kwargs.items()}
         if not tensors or any(t.device.type != "cuda" for t in tensors):
             return fn(*args, **kwargs)
-        key = (layer, _signature_of(tree[0]), tuple((k, _signature_of(v)) for k, v in sorted(tree[1].items())),
+        key = (layer, tuple(self._freeze(v) for v in a_tree),
+               tuple((k, self._freeze(v)) for k, v in sorted(k_tree.items())),
                tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
         hit = self._graphs.get(key)
         if hit is not None:
-            graph, static, out = hit
-            for dst, src in zip(static, tensors):
-                if dst.data_ptr() != src.data_ptr():
+            for dst, src, copy in zip(hit.static, tensors, hit.copy):
+                if copy:
+                    self._copy_in(dst, src)
+                elif dst is not src:  # the caller changed the chained hidden state (e.g. CFG at a layer)
                     dst.copy_(src)
-            graph.replay()
+            hit.graph.replay()
             self.replays += 1
-            return out
+            return hit.out
         if key not in self._warm:
             self._warm.add(key)
             return fn(*args, **kwargs)
-        static = [t.clone() for t in tensors]
-        a, kw = _fill(tree[0], static), {k: _fill(v, static) for k, v in tree[1].items()}
+        return self._capture(key, fn, a_tree, k_tree, tensors)
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy into a shared static buffer, unless it already holds this very tensor, unchanged since."""
+        if dst is src:
+            return
+        stamp = (id(src), _version(src))
+        if stamp[1] is not None and self._filled.get(id(dst)) == stamp:
+            return
+        dst.copy_(src)
+        self._filled[id(dst)] = stamp
+        self._sources[id(dst)] = src
+
+    def _capture(self, key: Any, fn: Callable, a_tree: tuple, k_tree: dict, tensors: list[torch.Tensor]) -> Any:
+        static, copy = [], []
+        for pos, t in enumerate(tensors):
+            if id(t) in self._outputs:  # an earlier graph's output: the graphs chain, no copy
+                static.append(t)
+                copy.append(False)
+                continue
+            buf_key = (pos, tuple(t.shape), t.dtype, t.device)
+            buf = self._shared.get(buf_key)
+            if buf is None:
+                buf = self._shared[buf_key] = torch.empty_like(t)
+            self._filled.pop(id(buf), None)
+            self._copy_in(buf, t)
+            static.append(buf)
+            copy.append(True)
+        versions = [_version(t) for t in static]
+        a, kw = tuple(_fill(v, static) for v in a_tree), {k: _fill(v, static) for k, v in k_tree.items()}
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, pool=self.pool):
             out = fn(*a, **kw)
-        self._graphs[key] = (graph, static, out)
+        if [_version(t) for t in static] != versions:
+            raise IntegrationError("a captured block changed its inputs in place; graphs=True cannot share them")
+        self._graphs[key] = _Graph(graph, static, out, copy)
+        if isinstance(out, torch.Tensor):
+            self._outputs.add(id(out))
         self.captures += 1
         graph.replay()  # capturing records the work; this runs it
         self.replays += 1
