@@ -103,6 +103,8 @@ class InfinityPatch:
         Whether calls go through ``torch.ops.sparvar.attention`` (else the module's Python method).
     calls:
         ``{(member, scale, layer): count}`` of attention calls so far (eager calls; replays are not counted).
+    attention:
+        Each layer's ``attn_fn`` object (:class:`LayerAttention`), in layer order.
     """
 
     modules: Any
@@ -113,6 +115,7 @@ class InfinityPatch:
     calls: dict[tuple[str, int, int], int] = field(default_factory=dict)
     schedule: tuple[tuple[int, int], ...] | None = None
     block_graphs: "BlockGraphs | None" = None
+    attention: list[Any] = field(default_factory=list)
 
     def member(self):
         """The module the current image runs through."""
@@ -259,6 +262,7 @@ def _install(model: torch.nn.Module, patch: InfinityPatch, sas: list[torch.nn.Mo
     ``own_cache`` the attention keeps the KV cache (see :class:`LayerAttention`), reset by ``kv_caching``."""
     for layer, (block, sa) in enumerate(zip(patch.blocks, sas)):
         attn_fn = attention(layer)
+        patch.attention.append(attn_fn)
         own = own_cache and hasattr(sa, "caching") and callable(getattr(sa, "kv_caching", None))
         patch.saved.append((block, sa, bool(sa.use_flex_attn), "forward" in vars(block),
                             "kv_caching" in vars(sa) if own else None))
