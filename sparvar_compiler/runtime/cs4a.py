@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..codegen.artifact import CompiledKernel
-from ..codegen.reference import reference_attention
 from ..codegen.spec import KernelInputError
 from ..cs4a.select import (block_mass, dcsla_select, fill_tables, group_mass, kernel_tables_mask,
                            tables_from_data, topk_keys, upsample_add)
@@ -147,7 +146,9 @@ class CS4ARuntime:
         t = self._tables[scale_index]
         filled = fill_tables(t, sel, reuse=not self.fallback)
         if self.fallback:
-            res = reference_attention(q, k, v, kernel_tables_mask(t, filled), scale=scale)
+            from .module import masked_attention
+
+            res = masked_attention(q, k, v, kernel_tables_mask(t, filled), scale)
             return res if out is None else out.copy_(res)
         out = torch.empty_like(q) if out is None else out
         self._kernels[scale_index].launch({"q": q, "k": k, "v": v, "out": out, "scale": scale, **filled},
