@@ -324,6 +324,10 @@ class TuningDatabase:
                 raise TuningDatabaseError(f"a SQLite tuning database must be a plain file path, got {text!r}")
             path = Path(url.database).expanduser()
             return cls(_sqlite_engine(path, readonly, False), url.database, readonly, f"sqlite:///{path.resolve()}")
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
+            from .._optional import require
+
+            require(url.get_driver_name(), "postgres", "a PostgreSQL tuning database")
         return cls(create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True), readonly)
 
     @classmethod

@@ -31,6 +31,9 @@ def backend_module(name: str):
     if name == "triton":
         from ..codegen import triton_backend as mod
     elif name == "tvm":
+        from .._optional import require
+
+        require("tvm", "tvm", "the TVM backend (--backend tvm)")  # else every candidate fails to compile
         from ..codegen import tvm_backend as mod
     else:
         raise ValueError(f"unknown backend {name!r}")
