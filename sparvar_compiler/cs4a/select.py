@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from ..planner.cs4a import band_keys, cs4a_tables, dcsla_capacity, group_mapping, round_to_tile
+from ..planner.cs4a import band_keys, check_table_sizes, cs4a_tables, dcsla_capacity, group_mapping, round_to_tile
 from ..planner.plan import Mode, Plan
 
 _TILE = 128  # the widest key tile of a gather kernel: token tables are padded to a multiple of it
@@ -283,6 +283,7 @@ def token_tables(plan: Plan, scale_index: int, mapping: str | None = None) -> To
     """The static token tables of ``scale_index``: the decision scale (each group's own top-k only: the sparse
     output the residual is taken against) or a later CS4A scale."""
     cfg = plan.config
+    check_table_sizes(plan, "token")
     S, gs = cfg.decision_scale, cfg.group_size
     mapping = mapping or cfg.key_mapping
     sp, dec = plan.scales[scale_index], plan.scales[S]
@@ -328,6 +329,7 @@ def token_tables(plan: Plan, scale_index: int, mapping: str | None = None) -> To
 def block_tables(plan: Plan, scale_index: int) -> BlockTables:
     """The static D-CSLA tables of ``scale_index`` (the decision scale or a later CS4A scale)."""
     cfg = plan.config
+    check_table_sizes(plan, "block")
     bs = cfg.dcsla_block
     S = cfg.decision_scale
     sp, dec = plan.scales[scale_index], plan.scales[S]
@@ -396,8 +398,11 @@ def tables_mask(num: torch.Tensor, idx: torch.Tensor, row_size: int, q_len: int,
         kb = _ceil_div(kv_len, block_n)
         blk = torch.zeros(B, H, R, kb + 1, dtype=torch.bool, device=idx.device)
         blk.scatter_(-1, torch.where(valid, idx.long(), kb), True)
-        rows = blk[..., :kb].repeat_interleave(block_n, dim=-1)[..., :kv_len]
-    return rows.repeat_interleave(row_size, dim=2)[:, :, :q_len]
+        rows = blk[..., torch.arange(kv_len, device=idx.device) // block_n]
+    # Row of each query, not repeat_interleave(row_size)[:q_len]: a group larger than the scale would first
+    # build R * row_size rows (one group of 65536 over a 10k cache, B=2, H=16: 22 GB) to keep q_len of them.
+    row_of = torch.clamp(torch.arange(q_len, device=idx.device) // row_size, max=R - 1)
+    return rows[:, :, row_of]
 
 
 def _selection(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, scale: float, mode: str):

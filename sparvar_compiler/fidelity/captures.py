@@ -26,22 +26,23 @@ arrays are refused: loading them can run code. Every problem raises :class:`Capt
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from .. import limits
+from ..arrays import bounded_json
 from ..errors import SparvarError
 from ..planner.models import ModelSpec, get_model
 from ..planner.schedules import Schedule
-from .tensorfile import PICKLE_SUFFIXES, TENSOR_SUFFIXES, TensorFileError, read_tensors
+from .tensorfile import PICKLE_SUFFIXES, TENSOR_SUFFIXES, TensorFileError, read_tensor_headers, read_tensors
 
 INDEX_NAME = "captures.json"
 FORMAT_NAME = "sparvar-captures"
 FORMAT_VERSION = 1
-_FLOAT_DTYPES = (np.dtype("float16"), np.dtype("float32"), np.dtype("float64"))
+_FLOAT_NAMES = ("float16", "float32", "float64", "F16", "F32", "F64", "BF16")  # npz (numpy) and safetensors names
 
 
 class CaptureError(SparvarError):
@@ -104,8 +105,12 @@ class CaptureSet:
                     ".safetensors or .npz with sparvar_compiler.fidelity.hooks.CaptureWriter") if pickles else ""
             raise CaptureError(f"{d}: no {INDEX_NAME} index{hint}")
         try:
-            data = json.loads(index.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            with open(index, "rb") as f:
+                raw = f.read(limits.MAX_JSON_BYTES + 1)
+            limits.check_limit(len(raw), limits.MAX_JSON_BYTES, "MAX_JSON_BYTES", f"{index}: size in bytes",
+                               CaptureError)
+            data = bounded_json(raw.decode("utf-8"), str(index), CaptureError)
+        except (OSError, UnicodeDecodeError) as e:
             raise CaptureError(f"{index}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise CaptureError(f"{index}: not a capture index (expected \"format\": \"{FORMAT_NAME}\")")
@@ -199,32 +204,50 @@ class CaptureSet:
         if key not in self.files:
             raise CaptureError(f"{self.directory}: scale {scale} of layer {layer} is not captured")
         path = self.files[key]
+        # Headers first: every shape is checked against the schedule and the model before a tensor is read.
         try:
-            tensors = read_tensors(path)
+            headers = read_tensor_headers(path)
         except TensorFileError as e:
             raise CaptureError(str(e)) from None
-        missing = [n for n in ("q", "k", "v") if n not in tensors]
+        missing = [n for n in ("q", "k", "v") if n not in headers]
         if missing:
             raise CaptureError(f"{path}: tensor {missing[0]!r} is missing (a capture holds q, k and v)")
+        for name in ("q", "k", "v"):
+            h = headers[name]
+            if len(h.shape) != 4:
+                raise CaptureError(f"{path}: {name} has shape {list(h.shape)}; expected [B, H, N, D]")
+            if h.dtype_name not in _FLOAT_NAMES:
+                raise CaptureError(f"{path}: {name} has dtype {h.dtype_name}; expected float16, bfloat16, float32 "
+                                   "or float64")
+        self._check_shapes(path, scale, *(headers[n].shape for n in ("q", "k", "v")))
+        try:
+            tensors = read_tensors(path, ("q", "k", "v"), headers)
+        except TensorFileError as e:
+            raise CaptureError(str(e)) from None
         q, k, v = (tensors[n] for n in ("q", "k", "v"))
-        tokens, kv_len = self.schedule.tokens[scale], self.schedule.kv_lens[scale]
         for name, a in (("q", q), ("k", k), ("v", v)):
-            if a.ndim != 4:
-                raise CaptureError(f"{path}: {name} has shape {list(a.shape)}; expected [B, H, N, D]")
-            if a.dtype not in _FLOAT_DTYPES:
-                raise CaptureError(f"{path}: {name} has dtype {a.dtype}; expected float16, bfloat16, float32 or "
-                                   "float64")
-        if q.shape[2] != tokens:
-            raise CaptureError(f"{path}: q has {q.shape[2]} queries; scale {scale} ({self.schedule.grids[scale][0]}x"
+            if not np.isfinite(a).all():
+                bad = int((~np.isfinite(a)).sum())
+                raise CaptureError(f"{path}: {name} holds {bad} NaN/inf values")
+        self._shape = (q.shape[0], q.shape[1], q.shape[3])
+        self._own[key] = (q, k, v)
+        return q, k, v
+
+    def _check_shapes(self, path: Path, scale: int, q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]
+                      ) -> None:
+        """q/k/v shapes (from the headers) against the schedule, the model and the other captures."""
+        tokens, kv_len = self.schedule.tokens[scale], self.schedule.kv_lens[scale]
+        if q[2] != tokens:
+            raise CaptureError(f"{path}: q has {q[2]} queries; scale {scale} ({self.schedule.grids[scale][0]}x"
                                f"{self.schedule.grids[scale][1]}) has {tokens}")
-        if k.shape != v.shape:
-            raise CaptureError(f"{path}: k {list(k.shape)} and v {list(v.shape)} differ in shape")
-        if k.shape[2] not in (tokens, kv_len):
-            raise CaptureError(f"{path}: k/v have {k.shape[2]} tokens; expected {tokens} (this scale only) or "
+        if k != v:
+            raise CaptureError(f"{path}: k {list(k)} and v {list(v)} differ in shape")
+        if k[2] not in (tokens, kv_len):
+            raise CaptureError(f"{path}: k/v have {k[2]} tokens; expected {tokens} (this scale only) or "
                                f"{kv_len} (the whole cache of scale {scale})")
-        if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-            raise CaptureError(f"{path}: q {list(q.shape)} and k {list(k.shape)} disagree in B, H or D")
-        b, h, _, d = q.shape
+        if q[:2] != k[:2] or q[3] != k[3]:
+            raise CaptureError(f"{path}: q {list(q)} and k {list(k)} disagree in B, H or D")
+        b, h, _, d = q
         if d != self.model.head_dim:
             raise CaptureError(f"{path}: head dim {d}, but {self.model.name} has head dim {self.model.head_dim}")
         if h > self.model.heads or (self.head_ids is not None and h != len(self.head_ids)):
@@ -232,13 +255,6 @@ class CaptureSet:
             raise CaptureError(f"{path}: {h} heads; expected {want}")
         if self._shape is not None and self._shape != (b, h, d):
             raise CaptureError(f"{path}: B, H, D = {(b, h, d)} differ from the other captures' {self._shape}")
-        for name, a in (("q", q), ("k", k), ("v", v)):
-            if not np.isfinite(a).all():
-                bad = int((~np.isfinite(a)).sum())
-                raise CaptureError(f"{path}: {name} holds {bad} NaN/inf values")
-        self._shape = (b, h, d)
-        self._own[key] = (q, k, v)
-        return q, k, v
 
 
 def _index_model(data: dict[str, Any], model: ModelSpec | str | None, index: Path) -> ModelSpec:
@@ -263,6 +279,9 @@ def _index_entries(data: dict[str, Any], d: Path, index: Path, schedule: Schedul
         raise CaptureError(f"{index}: 'entries' must be a non-empty list of {{scale, layer, file}}")
     files: dict[tuple[int, int], Path] = {}
     n = schedule.num_scales
+    if len(entries) > n * spec.depth:
+        raise CaptureError(f"{index}: 'entries' lists {len(entries)} captures; {spec.name} at {schedule.resolution} "
+                           f"{schedule.aspect} has only {n * spec.depth} (scale, layer) pairs")
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not {"scale", "layer", "file"} <= set(e):
             raise CaptureError(f"{index}: entries[{i}] must have scale, layer and file")

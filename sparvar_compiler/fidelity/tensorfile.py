@@ -1,9 +1,14 @@
-"""Tensor files without pickle: ``.npz`` (``np.load(allow_pickle=False)``) and ``.safetensors``.
+"""Tensor files without pickle: ``.npz`` and ``.safetensors``, read header first.
 
 The safetensors format is small enough to read and write here, so captures need no extra package: an 8-byte
 little-endian header length ``n``, ``n`` bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
 "__metadata__": {...}}``, then the raw little-endian tensor bytes (offsets relative to the end of the header).
 Supported dtypes: F64, F32, F16, BF16 (BF16 is widened to float32 on reading: numpy has no bfloat16).
+
+Reading goes through :mod:`sparvar_compiler.arrays`: every header (npy members, the safetensors JSON) is checked
+against :mod:`sparvar_compiler.limits` and against the bytes of the file before any tensor is allocated, so a
+header claiming 7 TiB, float or overlapping offsets, or a shape whose product overflows int64 is one error.
+:func:`read_tensor_headers` gives the shapes alone, for a reader that checks them before reading.
 
 Every problem raises :class:`TensorFileError` naming the file; nothing here can execute code from a file.
 """
@@ -12,19 +17,18 @@ from __future__ import annotations
 
 import json
 import struct
-import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
+from ..arrays import ArrayHeader, npz_headers, read_npz_member, read_safetensors_tensor, safetensors_headers
 from ..errors import SparvarError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 TENSOR_SUFFIXES = (".safetensors", ".npz")
 _ST_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
 _ST_NAMES = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 class TensorFileError(SparvarError):
@@ -38,21 +42,56 @@ def _refuse_pickle(path: Path) -> None:
             "save q/k/v as .safetensors or .npz (sparvar_compiler.fidelity.hooks.CaptureWriter does)")
 
 
-def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a ``.npz`` or ``.safetensors`` file, as numpy arrays.
+def read_tensor_headers(path: str | Path) -> dict[str, ArrayHeader]:
+    """The checked header of every tensor of a ``.npz`` or ``.safetensors`` file; no tensor is read.
+
+    ``ArrayHeader.dtype_name`` is numpy's name for ``.npz`` (``"float32"``) and the safetensors name
+    (``"F32"``, ``"BF16"``) for ``.safetensors``.
 
     Raises
     ------
     TensorFileError
-        For pickle-based files, object arrays, unknown suffixes or a malformed file.
+        For pickle-based files, unknown suffixes, or a header that is malformed, over a limit of
+        :mod:`sparvar_compiler.limits`, or inconsistent with the file.
     """
     p = Path(path)
     _refuse_pickle(p)
     if p.suffix == ".npz":
-        return _read_npz(p)
+        return npz_headers(p, TensorFileError)
     if p.suffix == ".safetensors":
-        return _read_safetensors(p)
+        headers, _ = safetensors_headers(p, TensorFileError)
+        return headers
     raise TensorFileError(f"{p}: unknown tensor file type {p.suffix!r}; expected one of {', '.join(TENSOR_SUFFIXES)}")
+
+
+def read_tensors(path: str | Path, names: Iterable[str] | None = None,
+                 headers: Mapping[str, ArrayHeader] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a ``.npz`` or ``.safetensors`` file, as numpy arrays: every one, or those of ``names``
+    (absent names are left out). ``headers`` (from :func:`read_tensor_headers`) saves reading them again.
+
+    Raises
+    ------
+    TensorFileError
+        For pickle-based files, object or other non-numeric arrays, unknown suffixes, a safetensors dtype other
+        than F64, F32, F16 or BF16, or a malformed file (see :func:`read_tensor_headers`).
+    """
+    p = Path(path)
+    headers = read_tensor_headers(p) if headers is None else headers
+    wanted = list(headers) if names is None else [n for n in names if n in headers]
+    out = {}
+    for name in wanted:
+        h = headers[name]
+        if p.suffix == ".npz":
+            out[name] = read_npz_member(p, h, TensorFileError)
+        elif h.dtype_name not in ("F64", "F32", "F16", "BF16"):
+            raise TensorFileError(f"{p}: tensor {name!r} has dtype {h.dtype_name}; supported: F64, F32, F16, BF16")
+        elif h.dtype_name == "BF16":
+            # bfloat16 is the top half of a float32: widen exactly.
+            bits = read_safetensors_tensor(p, h, TensorFileError).astype(np.uint32) << 16
+            out[name] = bits.view(np.float32)
+        else:
+            out[name] = read_safetensors_tensor(p, h, TensorFileError)
+    return out
 
 
 def write_tensors(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Path:
@@ -84,61 +123,3 @@ def write_tensors(path: str | Path, tensors: Mapping[str, np.ndarray], metadata:
         for a in arrays.values():
             f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
     return p
-
-
-def _read_npz(p: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise TensorFileError(f"{p}: holds an object array (pickled); only numeric arrays are accepted") from None
-        raise TensorFileError(f"{p}: not a readable .npz file ({e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise TensorFileError(f"{p}: not a readable .npz file ({e})") from None
-
-
-def _read_safetensors(p: Path) -> dict[str, np.ndarray]:
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise TensorFileError(f"{p}: cannot read ({e})") from None
-    if len(data) < 8:
-        raise TensorFileError(f"{p}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise TensorFileError(f"{p}: safetensors header length {n} is larger than the file")
-    try:
-        header = json.loads(data[8:8 + n].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorFileError(f"{p}: safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise TensorFileError(f"{p}: safetensors header must be a JSON object")
-    body = memoryview(data)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise TensorFileError(f"{p}: tensor {name!r} has a malformed header entry {info!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if dtype_name == "BF16":
-            width = 2
-        elif dtype_name in _ST_DTYPES:
-            width = _ST_DTYPES[dtype_name].itemsize
-        else:
-            raise TensorFileError(f"{p}: tensor {name!r} has dtype {dtype_name}; supported: F64, F32, F16, BF16")
-        if not (0 <= begin <= end <= len(body)) or end - begin != count * width:
-            raise TensorFileError(f"{p}: tensor {name!r} data offsets {begin}..{end} do not match shape {shape} "
-                                  f"and dtype {dtype_name} within the file")
-        chunk = body[begin:end]
-        if dtype_name == "BF16":
-            # bfloat16 is the top half of a float32: widen exactly.
-            bits = np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16
-            arr = bits.view(np.float32)
-        else:
-            arr = np.frombuffer(chunk, dtype=_ST_DTYPES[dtype_name]).copy()
-        out[name] = arr.reshape(shape)
-    return out

@@ -22,6 +22,12 @@ Defaults (documented in the README), for a schedule of ``n`` scales and a model 
   upsampling to the later scales' CS4A outputs, as SparVAR does.
 * D-CSLA (``cs4a: block``): ``dcsla_block`` = 64 (query and key block side), ``dcsla_coverage`` = 0.9 of each
   row's decision-scale mass, at least ``dcsla_min_blocks`` = 16 blocks and at most half the row.
+
+Every option is type-checked (``true`` is not an integer) and bounded where it is read, by a file or by
+``PlanConfig(...)`` itself, against :mod:`sparvar_compiler.limits`: ``group_size`` 16..``MAX_GROUP_SIZE`` in
+steps of 16, ``key_tile`` up to ``MAX_KEY_TILE``, ``dcsla_block`` up to ``MAX_DCSLA_BLOCK``, window lists of at
+most ``MAX_WINDOW_COUNT`` entries of at most ``MAX_WINDOW``, scale and layer numbers up to ``MAX_SCALES`` and
+``MAX_DEPTH``; fractions in (0, 1].
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from .. import limits
 from ..errors import PlanConfigError
+from ..limits import shown
+from ..yamlfile import load_yaml_file
 
 CS4A_MODES = ("token", "block", "off")
+GROUP_QUANTUM = 16  # a CS4A query group is a whole number of the kernels' smallest query tile
 KEY_MAPPINGS = ("identity", "flat", "dap")
 
 
@@ -64,6 +72,9 @@ class PlanConfig:
     dcsla_coverage: float = 0.9
     dcsla_min_blocks: int = 16
 
+    def __post_init__(self) -> None:
+        _validate(self, "plan config")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("windows", "band_windows"):
@@ -79,74 +90,122 @@ class PlanConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(PlanConfig)}
 
+# Integer options: (smallest, largest, name of the largest in sparvar_compiler.limits). Ranges that depend on the
+# model and schedule (decision_scale < scales, bound_layer <= depth, ...) are checked by resolve_config.
+_INT_RANGES = {
+    "decision_scale": (0, limits.MAX_SCALES, "MAX_SCALES"),
+    "bound_layer": (0, limits.MAX_DEPTH, "MAX_DEPTH"),
+    "sink_scales": (0, limits.MAX_SCALES, "MAX_SCALES"),
+    "skip_last": (0, limits.MAX_SCALES, "MAX_SCALES"),
+    "group_size": (1, limits.MAX_GROUP_SIZE, "MAX_GROUP_SIZE"),
+    "key_tile": (1, limits.MAX_KEY_TILE, "MAX_KEY_TILE"),
+    "dcsla_block": (1, limits.MAX_DCSLA_BLOCK, "MAX_DCSLA_BLOCK"),
+    "dcsla_min_blocks": (1, limits.MAX_KV_LEN, "MAX_KV_LEN"),
+}
 
-def _int(value: Any, name: str, where: str, minimum: int | None = None) -> int:
+
+def _int(value: Any, name: str, where: str, minimum: int | None = None, maximum: tuple[int, str] | None = None
+         ) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PlanConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+        raise PlanConfigError(f"{where}: '{name}' must be an integer, got {shown(value)}")
     if minimum is not None and value < minimum:
-        raise PlanConfigError(f"{where}: '{name}' must be >= {minimum}, got {value}")
+        raise PlanConfigError(f"{where}: '{name}' must be >= {minimum}, got {shown(value)}")
+    if maximum is not None:
+        limits.check_limit(value, maximum[0], maximum[1], f"{where}: '{name}'", PlanConfigError)
     return value
 
 
 def _int_list(value: Any, name: str, where: str) -> tuple[int, ...]:
+    """A window list: a list of integers or ``"1,2,3"``; its length is checked before anything is converted."""
     if isinstance(value, str):
+        limits.check_limit(value.count(",") + 1, limits.MAX_WINDOW_COUNT, "MAX_WINDOW_COUNT",
+                           f"{where}: '{name}' entry count", PlanConfigError)
         try:
             value = [int(v) for v in value.replace(" ", "").split(",") if v]
         except ValueError:
-            raise PlanConfigError(f"{where}: '{name}' must be a list of integers, got {value!r}") from None
+            raise PlanConfigError(f"{where}: '{name}' must be a list of integers, got {shown(value)}") from None
     if not isinstance(value, (list, tuple)) or not value:
-        raise PlanConfigError(f"{where}: '{name}' must be a non-empty list of integers, got {value!r}")
-    return tuple(_int(v, f"{name}[{i}]", where) for i, v in enumerate(value))
+        raise PlanConfigError(f"{where}: '{name}' must be a non-empty list of integers, got {shown(value)}")
+    limits.check_limit(len(value), limits.MAX_WINDOW_COUNT, "MAX_WINDOW_COUNT", f"{where}: '{name}' entry count",
+                       PlanConfigError)
+    out = tuple(_int(v, f"{name}[{i}]", where) for i, v in enumerate(value))
+    for i, r in enumerate(out):
+        if name == "windows" and (r == 0 or r < -1):
+            raise PlanConfigError(f"{where}: windows[{i}] = {r}: a window is -1 (drop) or a positive size")
+        if name == "band_windows" and r < 1:
+            raise PlanConfigError(f"{where}: band_windows[{i}] = {r} must be positive")
+        limits.check_limit(r, limits.MAX_WINDOW, "MAX_WINDOW", f"{where}: {name}[{i}]", PlanConfigError)
+    return out
+
+
+def _fraction(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise PlanConfigError(f"{where}: '{name}' must be a number in (0, 1], got {shown(value)}")
+    return float(value)
+
+
+def _check_option(name: str, value: Any, where: str) -> Any:
+    """One plan option, type-checked and bounded (see the module docstring and :mod:`sparvar_compiler.limits`)."""
+    if name in _INT_RANGES:
+        lo, hi, hi_name = _INT_RANGES[name]
+        value = _int(value, name, where, minimum=lo, maximum=(hi, hi_name))
+        if name == "group_size" and value % GROUP_QUANTUM:
+            raise PlanConfigError(f"{where}: 'group_size' must be a multiple of {GROUP_QUANTUM} (the gather and "
+                                  f"statistics kernels cut a group into 16-, 32- or 64-row tiles), got {value}")
+        return value
+    if name in ("windows", "band_windows"):
+        return _int_list(value, name, where)
+    if name == "cs4a":
+        if not isinstance(value, str) or value not in CS4A_MODES:
+            raise PlanConfigError(f"{where}: 'cs4a' must be one of {', '.join(CS4A_MODES)}, got {shown(value)}")
+        return value
+    if name == "key_mapping":
+        if not isinstance(value, str) or value not in KEY_MAPPINGS:
+            raise PlanConfigError(
+                f"{where}: 'key_mapping' must be one of {', '.join(KEY_MAPPINGS)}, got {shown(value)}")
+        return value
+    if name in ("topk_fraction", "dcsla_coverage"):
+        return _fraction(value, name, where)
+    if name in ("token_exact", "residual"):
+        if not isinstance(value, bool):
+            raise PlanConfigError(f"{where}: '{name}' must be true or false, got {shown(value)}")
+        return value
+    raise PlanConfigError(f"{where}: unknown option {shown(name)} (known: {', '.join(_FIELDS)})")
+
+
+def _validate(config: PlanConfig, where: str) -> None:
+    """Check every field of a config built directly (``PlanConfig(group_size=...)``), as a file's are checked."""
+    for name in _FIELDS:
+        value = getattr(config, name)
+        if value is None and _FIELDS[name].default is None:
+            continue
+        checked = _check_option(name, value, where)
+        if name in ("windows", "band_windows"):
+            object.__setattr__(config, name, checked)  # a list or "1,2,3" is stored as the tuple
 
 
 def config_from_mapping(data: Any, where: str) -> PlanConfig:
-    """Parse a plan config (from YAML or JSON); unknown or malformed fields raise, naming the field."""
+    """Parse a plan config (from YAML or JSON); unknown or malformed fields raise, naming the field.
+
+    Every numeric option is type-checked (``true`` is not an integer) and bounded by
+    :mod:`sparvar_compiler.limits` here, before anything sized by it exists.
+    """
     if data is None:
         return PlanConfig()
     if not isinstance(data, Mapping):
         raise PlanConfigError(f"{where}: expected a mapping of plan options, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = sorted((k for k in data if k not in _FIELDS), key=str)
     if unknown:
-        raise PlanConfigError(f"{where}: unknown option '{unknown[0]}' (known: {', '.join(_FIELDS)})")
-    kw: dict[str, Any] = {}
-    for name, value in data.items():
-        if value is None:
-            continue
-        if name in ("decision_scale", "bound_layer", "sink_scales", "skip_last"):
-            kw[name] = _int(value, name, where, minimum=0)
-        elif name in ("group_size", "key_tile", "dcsla_block", "dcsla_min_blocks"):
-            kw[name] = _int(value, name, where, minimum=1)
-        elif name in ("windows", "band_windows"):
-            kw[name] = _int_list(value, name, where)
-        elif name == "cs4a":
-            if value not in CS4A_MODES:
-                raise PlanConfigError(f"{where}: 'cs4a' must be one of {', '.join(CS4A_MODES)}, got {value!r}")
-            kw[name] = value
-        elif name == "key_mapping":
-            if value not in KEY_MAPPINGS:
-                raise PlanConfigError(
-                    f"{where}: 'key_mapping' must be one of {', '.join(KEY_MAPPINGS)}, got {value!r}")
-            kw[name] = value
-        elif name in ("topk_fraction", "dcsla_coverage"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise PlanConfigError(f"{where}: '{name}' must be a number in (0, 1], got {value!r}")
-            kw[name] = float(value)
-        elif name in ("token_exact", "residual"):
-            if not isinstance(value, bool):
-                raise PlanConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
-            kw[name] = value
+        raise PlanConfigError(f"{where}: unknown option {shown(unknown[0])} (known: {', '.join(_FIELDS)})")
+    kw = {name: _check_option(name, value, where) for name, value in data.items() if value is not None}
     return PlanConfig(**kw)
 
 
 def load_config_file(path: str | Path) -> PlanConfig:
+    """A plan config YAML file (at most :data:`~sparvar_compiler.limits.MAX_YAML_BYTES`, UTF-8, no alias
+    bombs: :func:`sparvar_compiler.yamlfile.load_yaml_file`)."""
     p = Path(path)
-    if not p.is_file():
-        raise PlanConfigError(f"plan config {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise PlanConfigError(f"{p}: not valid YAML: {e}") from None
-    return config_from_mapping(data, str(p))
+    return config_from_mapping(load_yaml_file(p, PlanConfigError, "plan config"), str(p))
 
 
 def default_windows(num_scales: int) -> tuple[int, ...]:

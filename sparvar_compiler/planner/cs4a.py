@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import limits
+from ..errors import PlanConfigError
 from .config import KEY_MAPPINGS
 from .plan import Mode, Plan
 
@@ -143,6 +145,35 @@ class CS4ATables:
         }
 
 
+def check_table_sizes(plan: Plan, mode: str | None = None) -> None:
+    """Refuse a plan whose CS4A tables would be too large, before any is built.
+
+    Per head, every table is at most (query groups) x (keys): the decision scale's group statistics are
+    ``groups(S) x kv_len(S)``, a later scale's key table ``groups(k) x capacity(k)`` with a capacity below
+    ``2 kv_len(k) + 128``, and its band lists and row bitmaps ``groups(k) x kv_len(k)``; D-CSLA's are the same in
+    blocks. Each product must stay within :data:`~sparvar_compiler.limits.MAX_TABLE_ELEMENTS` (a 1 px group
+    over a 64k-token cache would be 17 billion entries).
+
+    Raises
+    ------
+    PlanConfigError
+        Naming the scale, the option that sets the group (``group_size`` or ``dcsla_block``) and the product.
+    """
+    cfg = plan.config
+    S = cfg.decision_scale
+    mode = mode or cfg.cs4a
+    if S is None or mode == "off":
+        return
+    field, unit = ("group_size", cfg.group_size) if mode == "token" else ("dcsla_block", cfg.dcsla_block)
+    for sp in plan.scales[S:]:
+        groups = _ceil_div(sp.tokens, unit)
+        keys = sp.kv_len if mode == "token" else _ceil_div(sp.kv_len, unit)
+        limits.check_limit(groups * 2 * keys, limits.MAX_TABLE_ELEMENTS, "MAX_TABLE_ELEMENTS",
+                           f"plan config: '{field}' {unit} makes {groups} query groups of scale {sp.index} over "
+                           f"{keys} {'keys' if mode == 'token' else 'key blocks'}: table entries",
+                           PlanConfigError)
+
+
 def dcsla_capacity(kv_blocks: int, min_blocks: int = 16, max_fraction: float = 0.5) -> int:
     """Most kv blocks a D-CSLA row can keep (the larger of the floor and half the row, within the row)."""
     return min(kv_blocks, max(min_blocks, int(np.floor(max_fraction * kv_blocks))))
@@ -156,6 +187,7 @@ def cs4a_tables(plan: Plan, mapping: str | None = None) -> CS4ATables | None:
     cs4a_scales = [s.index for s in plan.scales if Mode.CS4A in s.modes]
     if not cs4a_scales:
         return None
+    check_table_sizes(plan, "token")
     mapping = mapping or cfg.key_mapping
     gs, tile = cfg.group_size, cfg.key_tile
     dec = plan.scales[S]

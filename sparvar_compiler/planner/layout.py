@@ -32,7 +32,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import limits
+from ..arrays import ArrayHeader, bounded_json, npz_headers, read_npz_member
 from ..errors import LayoutError, SparvarError
+from ..limits import shown
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -294,6 +297,8 @@ class BlockLayout:
         return hash(self.content_hash())
 
     def to_npz(self, path: str | Path) -> None:
+        """Write the layout as an ``.npz``: a ``header`` member (uint8 JSON: format, q_len, kv_len, block_m,
+        block_n) and one int32/uint32 ``.npy`` member per array; :meth:`from_npz` reads it back."""
         arrays = {"header": np.frombuffer(json.dumps(self._header()).encode(), dtype=np.uint8),
                   "full_offsets": self.full_offsets, "full_indices": self.full_indices,
                   "partial_offsets": self.partial_offsets, "partial_indices": self.partial_indices}
@@ -303,18 +308,61 @@ class BlockLayout:
 
     @classmethod
     def from_npz(cls, path: str | Path) -> "BlockLayout":
+        """Read a layout written by :meth:`to_npz`, trusting nothing in the file.
+
+        Every member's npy header is read first (:func:`sparvar_compiler.arrays.npz_headers`: ``.npy`` members
+        only, numeric dtypes, sizes within :mod:`sparvar_compiler.limits`, exactly as many bytes as promised);
+        then the layout header's lengths and block sizes are bounded, and every array's shape must be the one
+        they imply, before any array is read. Pickle is never allowed.
+
+        Raises
+        ------
+        LayoutError
+            Naming the file and the member or field that is malformed, inconsistent or over a limit.
+        """
+        p = Path(path)
+        headers = npz_headers(p, LayoutError)
+        known = _NPZ_MEMBERS + ("partial_masks",)
+        unknown = [name for name in headers if name not in known]
+        if unknown:
+            raise LayoutError(f"{p}: not a block layout file (unknown member {shown(unknown[0] + '.npy')})")
+        missing = [name for name in _NPZ_MEMBERS if name not in headers]
+        if missing:
+            raise LayoutError(f"{p}: not a block layout file (member {missing[0]}.npy is missing)")
+        meta = _read_npz_header(p, headers["header"])
+        q_len, kv_len = (_bounded_length(meta.get(k), k, p) for k in ("q_len", "kv_len"))
         try:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(bytes(z["header"]).decode())
-                if header.get("format") != _FORMAT_VERSION:
-                    raise LayoutError(f"{path}: layout format {header.get('format')!r} is not supported")
-                return cls(header["q_len"], header["kv_len"], header["block_m"], header["block_n"],
-                           z["full_offsets"], z["full_indices"], z["partial_offsets"], z["partial_indices"],
-                           z["partial_masks"] if "partial_masks" in z.files else None)
-        except (KeyError, ValueError, OSError) as e:
-            if isinstance(e, LayoutError):
-                raise
-            raise LayoutError(f"{path}: not a block layout file ({e})") from None
+            block_m, block_n = check_block_size(meta.get("block_m"), "block_m"), check_block_size(
+                meta.get("block_n"), "block_n")
+        except LayoutError as e:
+            raise LayoutError(f"{p}: header {e}") from None
+        qb, kb = _ceil_div(q_len, block_m), _ceil_div(kv_len, block_n)
+        limits.check_limit(qb * kb, limits.MAX_TABLE_ELEMENTS, "MAX_TABLE_ELEMENTS",
+                           f"{p}: header's block grid ({qb} x {kb} blocks)", LayoutError)
+        shapes: dict[str, Any] = {"full_offsets": (qb + 1,), "partial_offsets": (qb + 1,)}
+        for name in ("full_indices", "partial_indices"):
+            shape = headers[name].shape
+            if len(shape) != 1 or shape[0] > qb * kb:
+                raise LayoutError(f"{p}: member {name}.npy has shape {list(shape)}; expected at most {qb * kb} kv "
+                                  f"block numbers ({qb} x {kb} blocks)")
+            shapes[name] = shape
+        if "partial_masks" in headers:
+            shapes["partial_masks"] = (shapes["partial_indices"][0], block_m, _ceil_div(block_n, 32))
+        for name, want in shapes.items():
+            h = headers[name]
+            if h.shape != want:
+                raise LayoutError(f"{p}: member {name}.npy has shape {list(h.shape)}; the header "
+                                  f"(q_len {q_len}, kv_len {kv_len}, blocks {block_m}x{block_n}) implies {list(want)}")
+            if h.dtype.kind not in "iu" or h.dtype.itemsize > 4:  # wider values would wrap when narrowed to 32 bits
+                raise LayoutError(f"{p}: member {name}.npy has dtype {h.dtype_name}; expected 32-bit integers")
+        arrays = {name: read_npz_member(p, headers[name], LayoutError) for name in shapes}
+        try:
+            return cls(q_len, kv_len, block_m, block_n, arrays["full_offsets"], arrays["full_indices"],
+                       arrays["partial_offsets"], arrays["partial_indices"], arrays.get("partial_masks"))
+        except LayoutError as e:
+            raise LayoutError(f"{p}: {e}") from None
+        except (ValueError, OverflowError) as e:  # e.g. an index that does not fit int32
+            raise LayoutError(f"{p}: not a block layout file ({e})") from None
 
     # ------------------------------------------------------------------ human views
     def summary(self) -> str:
@@ -409,6 +457,35 @@ class BlockLayout:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)
         return out
+
+
+_NPZ_MEMBERS = ("header", "full_offsets", "full_indices", "partial_offsets", "partial_indices")
+
+
+def _read_npz_header(path: Path, header: ArrayHeader) -> dict[str, Any]:
+    """The JSON header member of a layout ``.npz``: bounded, UTF-8, an object of our format version."""
+    if header.dtype != np.uint8 or len(header.shape) != 1:
+        raise LayoutError(f"{path}: member header.npy must be uint8 JSON text, got {header.dtype_name} "
+                          f"{list(header.shape)}")
+    limits.check_limit(header.nbytes, limits.MAX_LAYOUT_HEADER_BYTES, "MAX_LAYOUT_HEADER_BYTES",
+                       f"{path}: header.npy size in bytes", LayoutError)
+    raw = read_npz_member(path, header, LayoutError).tobytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LayoutError(f"{path}: member header.npy is not UTF-8 JSON") from None
+    meta = bounded_json(text, f"{path}: header", LayoutError)
+    if not isinstance(meta, dict):
+        raise LayoutError(f"{path}: header must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != _FORMAT_VERSION:
+        raise LayoutError(f"{path}: layout format {shown(meta.get('format'))} is not supported")
+    return meta
+
+
+def _bounded_length(value: Any, name: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LayoutError(f"{path}: header {name} must be a positive integer, got {shown(value)}")
+    return limits.check_limit(value, limits.MAX_KV_LEN, "MAX_KV_LEN", f"{path}: header {name}", LayoutError)
 
 
 def _figure_class():

@@ -6,14 +6,34 @@ kernels, tuning, emission, the runtime) reads it and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .. import limits
+from ..errors import ModelError, PlanConfigError, SparvarError
+from ..limits import shown
 from .config import PlanConfig, config_from_mapping, resolve_config
 from .models import ModelSpec, get_model
-from .schedules import Grid, Schedule
+from .schedules import Grid, Schedule, check_grids
+
+# The model's shape, bounded before a plan allocates per layer (modes) or per head (kernels, tables).
+_MODEL_LIMITS = (("depth", limits.MAX_DEPTH, "MAX_DEPTH"), ("heads", limits.MAX_HEADS, "MAX_HEADS"),
+                 ("head_dim", limits.MAX_HEAD_DIM, "MAX_HEAD_DIM"), ("width", limits.MAX_WIDTH, "MAX_WIDTH"))
+
+
+def check_model_shape(model: ModelSpec | dict[str, Any], where: str) -> None:
+    """Depth, heads, head dim and width of a model (a spec, or a plan's dict) are positive integers within
+    :mod:`sparvar_compiler.limits`; raises :class:`~sparvar_compiler.errors.ModelError` naming the field."""
+    for name, limit, limit_name in _MODEL_LIMITS:
+        value = model.get(name) if isinstance(model, dict) else getattr(model, name, None)
+        if value is None and name == "width":
+            continue  # a plan (and the model shape fidelity rebuilds from one) does not record the width
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"{where}: '{name}' must be a positive integer, got {shown(value)}")
+        limits.check_limit(value, limit, limit_name, f"{where}: '{name}'", ModelError)
 
 
 class Mode(str, Enum):
@@ -112,13 +132,41 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        scales = tuple(
-            ScalePlan(s["index"], s["h"], s["w"], s["tokens"], s["kv_offset"], s["kv_len"],
-                      tuple(Mode(m) for m in s["modes"]))
-            for s in d["scales"]
-        )
-        return cls(d["model"], d["family"], d["depth"], d["heads"], d["head_dim"], d["resolution"], d["aspect"],
-                   tuple(tuple(g) for g in d["grids"]), config_from_mapping(d["config"], "plan.config"), scales)
+        """Inverse of :meth:`to_dict`. The dict may come from a file: the model shape and grids are bounded
+        before anything is built, and the scales must be the ones :func:`plan_schedule` makes of them.
+
+        Raises
+        ------
+        SparvarError
+            (:class:`~sparvar_compiler.errors.PlanConfigError`, ``ModelError`` or ``ScheduleError``) naming the
+            malformed field.
+        """
+        if not isinstance(d, dict):
+            raise PlanConfigError(f"plan: expected a mapping, got {type(d).__name__}")
+        try:
+            check_model_shape(d, "plan")
+            grids = d["grids"]
+            check_grids(grids, "plan.grids")
+            config = config_from_mapping(d["config"], "plan.config")
+            scales_in = d["scales"]
+            if not isinstance(scales_in, list) or len(scales_in) != len(grids):
+                raise PlanConfigError(f"plan.scales must be a list of {len(grids)} scales (one per grid)")
+            spec = ModelSpec(str(d["model"]), str(d["family"]), d["depth"], d["heads"] * d["head_dim"], d["heads"],
+                             d["head_dim"], (), 0)
+            schedule = Schedule(d["resolution"], str(d["aspect"]), tuple(tuple(g) for g in grids))
+            plan = plan_schedule(spec, schedule, config)
+            scales = tuple(
+                ScalePlan(s["index"], s["h"], s["w"], s["tokens"], s["kv_offset"], s["kv_len"],
+                          tuple(Mode(m) for m in s["modes"]))
+                for s in scales_in
+            )
+        except SparvarError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanConfigError(f"plan: malformed ({type(e).__name__}: {shown(str(e))})") from None
+        if scales != plan.scales:
+            raise PlanConfigError("plan.scales do not follow from its grids, depth and config")
+        return dataclasses.replace(plan, model=d["model"], family=d["family"], resolution=d["resolution"])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -138,7 +186,16 @@ def _modes(scale: int, n: int, depth: int, cfg: PlanConfig) -> tuple[Mode, ...]:
 
 
 def plan_schedule(model: ModelSpec, schedule: Schedule, config: PlanConfig | None = None) -> Plan:
-    """Plan one schedule of a model."""
+    """Plan one schedule of a model.
+
+    Raises
+    ------
+    ModelError
+        If the model's depth, heads, head dim or width is over :mod:`sparvar_compiler.limits`.
+    PlanConfigError
+        If the config does not fit the model and schedule.
+    """
+    check_model_shape(model, f"model {getattr(model, 'name', '?')}")
     cfg = resolve_config(config or PlanConfig(), schedule.num_scales, model.depth)
     n = schedule.num_scales
     scales = tuple(

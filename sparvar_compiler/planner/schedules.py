@@ -3,6 +3,10 @@
 A schedule is written as comma-separated grids, ``"1,2,4x3,8x6"``: a bare ``n`` is an ``n x n`` grid and
 ``HxW`` is ``H`` rows by ``W`` columns. Infinity names aspect ratios by height over width (its ``h_div_w``):
 ``"5:4"`` is a 1.25 ratio whose last grid is 70 rows by 56 columns; the inverse ratio ``"4:5"`` swaps h and w.
+
+Every size is bounded where it is read (:mod:`sparvar_compiler.limits`): a grid side by ``MAX_GRID_SIDE``, the
+tokens of a scale by ``MAX_TOKENS_PER_SCALE``, the scales by ``MAX_SCALES`` (counted before any is parsed) and
+the whole key/value cache by ``MAX_KV_LEN``; every later stage allocates by these.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Sequence
 
+from .. import limits
 from ..errors import ScheduleError
+from ..limits import shown
 
 Grid = tuple[int, int]
 
@@ -37,6 +43,9 @@ class Schedule:
     aspect: str
     grids: tuple[Grid, ...]
     config_only: bool = False
+
+    def __post_init__(self) -> None:
+        check_grids(self.grids, f"schedule {self.resolution} {self.aspect}")
 
     @property
     def num_scales(self) -> int:
@@ -69,38 +78,75 @@ class Schedule:
         return format_schedule(self.grids)
 
 
+_MAX_NUMBER_TEXT = 12  # characters of one grid side written as text: far above MAX_GRID_SIDE, far below int()'s
+
+
+def _side(text: str, item: object, where: str, axis: str) -> int:
+    t = text.strip()
+    if not (t.isascii() and t.isdigit()):  # "²".isdigit() is True, and int("²") raises
+        raise ScheduleError(f"{where}: expected a grid like '4' or '4x3', got {shown(item)}")
+    if len(t) > _MAX_NUMBER_TEXT:  # int() of thousands of digits is slow, and refused past 4300
+        raise ScheduleError(f"{where}: grid {axis} of {len(t)} digits is over the limit of {limits.MAX_GRID_SIDE} "
+                            "(sparvar_compiler.limits.MAX_GRID_SIDE)")
+    return int(t)
+
+
 def parse_grid(item: object, where: str) -> Grid:
-    """Parse one grid: ``4``, ``"4"``, ``"4x3"`` or ``[4, 3]``."""
+    """Parse one grid: ``4``, ``"4"``, ``"4x3"`` or ``[4, 3]``; sides and tokens within the limits."""
     if isinstance(item, bool):
-        raise ScheduleError(f"{where}: expected a grid like 4, '4x3' or [4, 3], got {item!r}")
+        raise ScheduleError(f"{where}: expected a grid like 4, '4x3' or [4, 3], got {shown(item)}")
     if isinstance(item, int):
         h = w = item
     elif isinstance(item, str):
-        parts = item.strip().lower().split("x")
-        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise ScheduleError(f"{where}: expected a grid like '4' or '4x3', got {item!r}")
-        h = int(parts[0])
-        w = int(parts[-1])
+        parts = item.strip().lower().split("x", 2)
+        if len(parts) not in (1, 2):
+            raise ScheduleError(f"{where}: expected a grid like '4' or '4x3', got {shown(item)}")
+        h = _side(parts[0], item, where, "height")
+        w = _side(parts[-1], item, where, "width")
     elif isinstance(item, (list, tuple)) and len(item) == 2 and all(
         isinstance(v, int) and not isinstance(v, bool) for v in item
     ):
         h, w = item
     else:
-        raise ScheduleError(f"{where}: expected a grid like 4, '4x3' or [4, 3], got {item!r}")
+        raise ScheduleError(f"{where}: expected a grid like 4, '4x3' or [4, 3], got {shown(item)}")
     if h <= 0 or w <= 0:
-        raise ScheduleError(f"{where}: grid sides must be positive, got {h}x{w}")
+        raise ScheduleError(f"{where}: grid sides must be positive, got {shown(h)}x{shown(w)}")
+    limits.check_limit(h, limits.MAX_GRID_SIDE, "MAX_GRID_SIDE", f"{where}: grid height", ScheduleError)
+    limits.check_limit(w, limits.MAX_GRID_SIDE, "MAX_GRID_SIDE", f"{where}: grid width", ScheduleError)
+    limits.check_limit(h * w, limits.MAX_TOKENS_PER_SCALE, "MAX_TOKENS_PER_SCALE", f"{where}: tokens of grid {h}x{w}",
+                       ScheduleError)
     return (h, w)
 
 
+def check_grids(grids: Sequence[Grid], where: str) -> None:
+    """Check already-parsed grids: the number of scales, every side and scale within the limits, and the
+    key/value cache of all scales (``MAX_KV_LEN``)."""
+    if not isinstance(grids, (tuple, list)):
+        raise ScheduleError(f"{where}: grids must be a list of (h, w), got {shown(grids)}")
+    limits.check_limit(len(grids), limits.MAX_SCALES, "MAX_SCALES", f"{where}: number of scales", ScheduleError)
+    total = 0
+    for i, g in enumerate(grids):
+        if not (isinstance(g, (tuple, list)) and len(g) == 2):
+            raise ScheduleError(f"{where}[{i}]: a grid is (h, w), got {shown(g)}")
+        h, w = parse_grid(list(g), f"{where}[{i}]")
+        total += h * w
+    limits.check_limit(total, limits.MAX_KV_LEN, "MAX_KV_LEN", f"{where}: key/value length (tokens of all scales)",
+                       ScheduleError)
+
+
 def parse_schedule(spec: str | Sequence[object], where: str = "schedule") -> tuple[Grid, ...]:
-    """Parse a schedule from ``"1,2,4x3"`` or a list of grids; checks that it is a real coarse-to-fine ladder."""
-    items: Iterable[object]
+    """Parse a schedule from ``"1,2,4x3"`` or a list of grids; checks that it is a real coarse-to-fine ladder
+    within the limits (the number of scales is checked before any grid is parsed)."""
+    items: Sequence[object]
     if isinstance(spec, str):
+        limits.check_limit(spec.count(",") + 1, limits.MAX_SCALES, "MAX_SCALES", f"{where}: number of scales",
+                           ScheduleError)
         items = [s for s in spec.replace(" ", "").split(",")]
     elif isinstance(spec, (list, tuple)):
         items = spec
     else:
-        raise ScheduleError(f"{where}: expected a list of grids or a string like '1,2,4x3', got {spec!r}")
+        raise ScheduleError(f"{where}: expected a list of grids or a string like '1,2,4x3', got {shown(spec)}")
+    limits.check_limit(len(items), limits.MAX_SCALES, "MAX_SCALES", f"{where}: number of scales", ScheduleError)
     grids = tuple(parse_grid(item, f"{where}[{i}]") for i, item in enumerate(items))
     if len(grids) < 2:
         raise ScheduleError(f"{where}: a schedule needs at least 2 scales, got {len(grids)}")
@@ -111,6 +157,7 @@ def parse_schedule(spec: str | Sequence[object], where: str = "schedule") -> tup
                 f"{where}[{i}]: grid {h}x{w} is smaller than the previous scale's {ph}x{pw}; "
                 "scales must go from coarse to fine"
             )
+    check_grids(grids, where)
     return grids
 
 
@@ -134,15 +181,15 @@ def parse_aspect(text: str | float, known: Sequence[str]) -> str:
             value = float(a) / float(b)
         else:
             value = float(text)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, TypeError, ZeroDivisionError):
         raise ScheduleError(
-            f"aspect ratio {text!r} is not 'h:w' or a number; known: {', '.join(known)}"
+            f"aspect ratio {shown(text)} is not 'h:w' or a number; known: {', '.join(known)}"
         ) from None
     for name in known:
         a, b = name.split(":")
         if abs(value / (int(a) / int(b)) - 1.0) < 0.01:
             return name
-    raise ScheduleError(f"unknown aspect ratio {text!r} (height:width); known: {', '.join(known)}")
+    raise ScheduleError(f"unknown aspect ratio {shown(text)} (height:width); known: {', '.join(known)}")
 
 
 # Infinity at 1M pixels, height over width (SPEC.md). Inverse ratios swap h and w.
@@ -193,13 +240,13 @@ def var_schedules(resolutions: Iterable[int]) -> tuple[Schedule, ...]:
 
 def parse_resolution(value: str | int, known: Sequence[int]) -> int:
     """``1024``, ``"1024"`` or an Infinity pixel-count name (``"1M"``, ``"0.25M"``)."""
-    text = str(value).strip()
+    text = value.strip() if isinstance(value, str) else shown(value)
     res: int | None = None
     if text in INFINITY_RESOLUTION_NAMES:
         res = INFINITY_RESOLUTION_NAMES[text]
-    elif text.isdigit():
+    elif text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_TEXT:
         res = int(text)
     if res is None or res not in known:
         names = ", ".join(str(k) for k in sorted(known))
-        raise ScheduleError(f"unknown resolution {value!r}; this model has: {names}")
+        raise ScheduleError(f"unknown resolution {shown(value)}; this model has: {names}")
     return res
