@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from sparvar_compiler.codegen.spec import KernelSpec
-from sparvar_compiler.db import TuningDatabase, config_key
+from sparvar_compiler.db import SkippedRecordWarning, TuningDatabase, config_key
 from sparvar_compiler.planner import csla_layout, get_gpu, make_plan
 from sparvar_compiler.tuner.measure import Measurement
 from sparvar_compiler.tuner.runners import ReplayRunner, replay_key
@@ -74,6 +74,35 @@ def test_invalid_never_wins(tmp_path):
     res = Tuner(db, GPU, ReplayRunner(records), progress=lambda s: None).tune(spec, layout, trials=100,
                                                                                 mode="exhaustive")
     assert res.best_config != fastest_bad and math.isfinite(res.best_ms)
+
+
+def test_implausible_timing_is_invalid_and_an_unusable_winner_is_passed_over(tmp_path):
+    """The tuner checks records with validate_record: a measured time below the roofline bound is recorded as a
+    wrong result, and a stored record the compiler cannot use never becomes the tuned config."""
+    spec, layout = _workload()
+    records = _replay(spec)
+    space = candidates(spec, GPU)
+    fake = next(c for c in space[1:] if records[replay_key(spec, c)].valid)
+    records[replay_key(spec, fake)] = Measurement(True, [1e-9, 1e-9, 1e-9])  # the kernel did not run
+    db = TuningDatabase.open(tmp_path / "t.sqlite")
+    bad = db.record_trial(spec.to_dict(), GPU.to_dict(), {**space[0].to_dict(), "order": "zigzag"}, [0.001],
+                          environment={}, study="imported")
+    with pytest.warns(SkippedRecordWarning, match=f"tuning record {bad} .*order must be one of"):
+        res = Tuner(db, GPU, ReplayRunner(records), progress=lambda s: None).tune(spec, layout, trials=len(space),
+                                                                                    mode="exhaustive")
+    honest = min(((m.median_ms, c) for c in space if (m := records[replay_key(spec, c)]).valid and c != fake),
+                 key=lambda t: t[0])
+    assert res.best_ms == pytest.approx(honest[0]) and res.best_config == honest[1]
+    [stored] = [t for t in db.trials() if t.config_key == config_key(fake.to_dict())]
+    assert not stored.valid and stored.reason == "wrong_result" and "below the fastest" in stored.detail
+    db.close()
+
+
+def test_candidates_pass_validate_record():
+    big = KernelSpec("triton", "block", 4096, 32, 4096, 10521, 64, "bf16", 64, 64, "")
+    space = candidates(big, GPU)  # B*H = 131072: only head_major launches fit CUDA's grid
+    assert space and all(c.get("order") == "head_major" for c in space)
+    assert len(candidates(KernelSpec(**{**big.to_dict(), "batch": 2}), GPU)) > 2 * len(space) - 2
 
 
 def _worker(url, index, n, seed, out):

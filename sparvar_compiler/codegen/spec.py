@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,10 +94,67 @@ class KernelConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.extra)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KernelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "KernelConfig":
+        """The config of ``to_dict()``'s form, checked: ``num_warps``/``num_stages`` are ints (not bools, floats
+        or strings: nothing is converted), every other knob a non-empty string name with a finite JSON scalar
+        value. Which knobs a backend knows, and their types, are its own check (:func:`check_config_types`).
+
+        Raises
+        ------
+        KernelConfigError
+            Naming the field and what is wrong with it.
+        """
+        if not isinstance(d, Mapping):
+            raise KernelConfigError(f"a kernel config must be a mapping, got {type(d).__name__}")
         d = dict(d)
+        for name, value in d.items():
+            if not isinstance(name, str) or not name:
+                raise KernelConfigError(f"config field names must be non-empty strings, got {name!r}")
+            if isinstance(value, bool) or isinstance(value, str):
+                continue
+            if isinstance(value, float) and not math.isfinite(value) or not isinstance(value, (int, float)):
+                raise KernelConfigError(f"config field {name!r} must be a finite JSON scalar, got {value!r}")
         nw, ns = d.pop("num_warps", 4), d.pop("num_stages", 2)
-        return cls(int(nw), int(ns), tuple(sorted(d.items())))
+        for name, value in (("num_warps", nw), ("num_stages", ns)):
+            if not is_int(value):
+                raise KernelConfigError(f"config field {name!r} must be an integer, got {value!r}")
+        return cls(nw, ns, tuple(sorted(d.items())))
+
+
+def is_int(value: Any) -> bool:
+    """An int that is an int: not a bool (``True`` is an ``int`` to Python), a float or a string."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: What a config knob may hold: ``int``, ``bool``, or a tuple of the allowed strings.
+KnobType = type | tuple[str, ...]
+
+
+def check_config_types(config: KernelConfig, knobs: Mapping[str, KnobType], what: str) -> None:
+    """Raise :class:`KernelConfigError` unless every knob of ``config`` is one of ``knobs`` (besides
+    ``num_warps``/``num_stages``, ints) and holds its type exactly: ``64.9``, ``True`` and ``"64"`` are not
+    integers, ``1`` is not a bool, and an enum value is one of its strings.
+
+    ``what`` names the kernel family in the message (``"Triton"``).
+    """
+    values = config.to_dict()
+    unknown = sorted(set(values) - set(knobs) - {"num_warps", "num_stages"})
+    if unknown:
+        raise KernelConfigError(f"unknown {what} config keys {unknown}; known: num_warps, num_stages, "
+                                f"{', '.join(knobs)}")
+    for name, value in values.items():
+        kind = knobs.get(name, int)
+        if isinstance(kind, tuple):
+            if not isinstance(value, str) or value not in kind:
+                raise KernelConfigError(f"{name} must be one of {kind}, got {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise KernelConfigError(f"{name} must be a bool, got {value!r}")
+        elif kind is int:
+            if not is_int(value):
+                raise KernelConfigError(f"{name} must be an integer, got {value!r}")
+        else:  # pragma: no cover - a knob table names only int, bool or enums
+            raise TypeError(f"knob {name}: unsupported type {kind!r}")
 
 
 def default_scale(head_dim: int) -> float:

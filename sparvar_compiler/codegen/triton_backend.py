@@ -61,6 +61,7 @@ import numbers
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -77,12 +78,14 @@ from ..planner.layout import BlockLayout
 from .artifact import CompiledKernel, KernelParam
 from .render import render
 from .spec import (DTYPES, KINDS, KernelConfig, KernelConfigError, KernelInputError, KernelSpec,
-                   check_kernel_call, default_scale)
+                   check_config_types, check_kernel_call, default_scale)
 
 ORDERS = ("q_major", "head_major")
 TILE_SIZES = (16, 32, 64, 128)
 WARPS = (1, 2, 4, 8, 16)
 CONFIG_EXTRAS = ("block_m", "block_n", "order", "tma", "programs")
+#: The type of every knob besides num_warps/num_stages (ints): what :func:`validate_config` holds a config to.
+CONFIG_TYPES = {"block_m": int, "block_n": int, "order": ORDERS, "tma": bool, "programs": int}
 _TEMPLATES = {"block": "triton/block_sparse_attention.py.jinja", "gather": "triton/gather_attention.py.jinja"}
 _TRITON_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -361,23 +364,18 @@ def validate_config(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec | None 
                     check_resources: bool = True) -> None:
     """Raise :class:`KernelConfigError` unless ``config`` can run ``spec`` (before anything is compiled).
 
-    Checks the knobs' values, that the kernel tiles divide the layout's blocks, and (``check_resources``) the
-    estimated shared memory against ``gpu`` (default: the local GPU, else the H100).
+    Checks the knobs' names and exact types (:data:`CONFIG_TYPES`: ``block_m: 64.9`` is refused, not truncated),
+    their values, that the kernel tiles divide the layout's blocks, and (``check_resources``) the estimated
+    shared memory against ``gpu`` (default: the local GPU, else the H100). Launch limits (grid, programs per SM)
+    are checked with the rest by :func:`sparvar_compiler.tuner.validate.validate_record`.
     """
     _check_spec(spec)
-    unknown = sorted(set(dict(config.extra)) - set(CONFIG_EXTRAS))
-    if unknown:
-        raise KernelConfigError(f"unknown Triton config keys {unknown}; known: {CONFIG_EXTRAS}")
+    check_config_types(config, CONFIG_TYPES, "Triton")
     if config.num_warps not in WARPS:
         raise KernelConfigError(f"num_warps must be one of {WARPS}, got {config.num_warps}")
     if not 1 <= config.num_stages <= 6:
         raise KernelConfigError(f"num_stages must be between 1 and 6, got {config.num_stages}")
-    try:
-        bm, bn, order = _tiles(spec, config)
-    except (TypeError, ValueError) as e:
-        raise KernelConfigError(f"block_m and block_n must be integers: {e}") from None
-    if order not in ORDERS:
-        raise KernelConfigError(f"order must be one of {ORDERS}, got {order!r}")
+    bm, bn, _ = _tiles(spec, config)
     # A gather kernel's key tiles are independent of the layout's columns; every other tile side walks the
     # layout's blocks in sub-tiles, so it must divide them.
     sides = (("block_m", bm, spec.block_m),) + ((("block_n", bn, spec.block_n),) if spec.kind == "block" else ())
@@ -387,12 +385,10 @@ def validate_config(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec | None 
                                     f"got {tile}")
     if bn not in TILE_SIZES:
         raise KernelConfigError(f"block_n must be one of {TILE_SIZES}, got {bn}")
-    if not isinstance(config.get("tma", False), bool):
-        raise KernelConfigError(f"tma must be True or False, got {config.get('tma')!r}")
     if _uses_tma(config) and spec.kind != "block":
         raise KernelConfigError("tma applies to the block kind only (a gather of rows is not a TMA box)")
     programs = config.get("programs", 0)
-    if isinstance(programs, bool) or not isinstance(programs, int) or programs < 0:
+    if programs < 0:
         raise KernelConfigError(f"programs must be a non-negative integer (0: not persistent), got {programs!r}")
     if programs and (spec.dynamic or spec.token_exact):
         raise KernelConfigError("a persistent launch (programs > 0) takes static tables and block-level or "
@@ -815,15 +811,117 @@ def _compile_worker() -> None:
     (out / "meta.json").write_text(json.dumps(res))
 
 
+# The compile child's first lines, before it imports anything heavy: on Linux it asks the kernel to SIGKILL it
+# when its parent dies (prctl PR_SET_PDEATHSIG = 1), then checks that the parent did not die before that took
+# effect. Done in the child rather than in a preexec_fn, which is unsafe when the parent has threads.
+_CHILD_PROLOGUE = """\
+import os, signal, sys
+if sys.platform.startswith("linux"):
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(3)
+"""
+_COMPILE_ENTRY = "from sparvar_compiler.codegen.triton_backend import _compile_worker\n_compile_worker()\n"
+_COMPILE_DIR_PREFIX = "sparvar-triton-"
+_COMPILE_DIR = re.compile(re.escape(_COMPILE_DIR_PREFIX) + r"(\d+)-")
+_LOCK_NAME = ".owner.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _stale_compile_dir(path: Path, pid: int) -> bool:
+    """A compile directory whose owner is gone: its lock (held by the owner for the directory's life) can be
+    taken, or, before the owner created it, the PID in its name is not running."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return not _pid_alive(pid)
+    try:
+        fd = os.open(path / _LOCK_NAME, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return not _pid_alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean_stale_compile_dirs(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the ``sparvar-triton-<pid>-*`` directories under ``root`` (default: the temp directory) that a
+    SIGKILLed compile left behind: this user's, whose owning process is gone. Returns what was removed."""
+    removed = []
+    root = Path(root if root is not None else tempfile.gettempdir())
+    try:
+        entries = list(root.glob(_COMPILE_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for path in entries:
+        m = _COMPILE_DIR.match(path.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if _stale_compile_dir(path, int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _child_argv(code: str) -> list[str]:
+    """The command that runs ``code`` in a Python child that dies with this process."""
+    return [sys.executable, "-c", _CHILD_PROLOGUE + code, str(os.getpid())]
+
+
+@contextlib.contextmanager
+def _compile_dir():
+    """A private temp directory ``sparvar-triton-<pid>-*`` holding a lock for as long as this process owns it
+    (a SIGKILL releases the lock, so the next compile's :func:`clean_stale_compile_dirs` removes it)."""
+    clean_stale_compile_dirs()
+    tmp = tempfile.mkdtemp(prefix=f"{_COMPILE_DIR_PREFIX}{os.getpid()}-")
+    fd = os.open(os.path.join(tmp, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError):  # pragma: no cover - not POSIX: the PID in the name still serves
+            pass
+        yield tmp
+    finally:
+        os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _compile_in_child(job: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="sparvar-triton-") as tmp:
+    """Compile in a fresh process (see the module docstring). The child dies with this process (Linux), and the
+    temp directory it writes into is removed here, or by the next compile if this process is killed."""
+    with _compile_dir() as tmp:
         env = dict(os.environ, TRITON_INTERPRET="0")
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        proc = subprocess.run(
-            [sys.executable, "-c", "from sparvar_compiler.codegen.triton_backend import _compile_worker; "
-                                   "_compile_worker()"],
-            input=json.dumps({**job, "out_dir": tmp}), capture_output=True, text=True, env=env)
+        proc = subprocess.run(_child_argv(_COMPILE_ENTRY), input=json.dumps({**job, "out_dir": tmp}),
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise TritonCompileError(f"Triton failed to compile {job['name']} for sm_{job['arch']}:\n"
                                      f"{proc.stderr[-4000:]}")

@@ -73,7 +73,7 @@ from ..planner.layout import BlockLayout
 from .artifact import CompiledKernel, KernelParam
 from .render import render
 from .spec import (KernelConfig, KernelConfigError, KernelInputError, KernelSpec, check_attention_inputs,
-                   check_kernel_call, check_lse, default_scale)
+                   check_config_types, check_kernel_call, check_lse, default_scale)
 
 TARGETS = ("llvm", "cuda")
 TARGET_DTYPES = {"cuda": ("bf16", "fp16"), "llvm": ("fp32", "bf16", "fp16")}
@@ -82,6 +82,8 @@ WARPS = (1, 2, 4, 8)
 STAGES = (1, 2, 3, 4)
 CONFIG_EXTRAS = ("block_m", "block_n", "q_in_regs", "mma", "overlap")
 MMAS = ("mma_sync", "wgmma")
+#: The type of every knob besides num_warps/num_stages (ints): what :func:`validate_config` holds a config to.
+CONFIG_TYPES = {"block_m": int, "block_n": int, "q_in_regs": bool, "mma": MMAS, "overlap": bool}
 MAX_M_TILES = 2  # m16 tiles per warp; more cannot hold their accumulators in 255 registers
 _TEMPLATES = {"cuda": "tvm/block_sparse_attention_cuda.py.jinja", "llvm": "tvm/block_sparse_attention_llvm.py.jinja",
               "wgmma": "tvm/block_sparse_attention_wgmma.py.jinja"}
@@ -172,12 +174,11 @@ def estimated_registers(spec: KernelSpec, config: KernelConfig) -> int:
 def validate_config(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec | None = None) -> None:
     """Raise :class:`KernelConfigError` for a config the CUDA kernel cannot run, before compiling.
 
-    Structure (tile divisibility, rows per warp, copy split) is always checked; with ``gpu`` also dynamic shared
-    memory against ``gpu.smem_per_block`` and the estimated registers against ``gpu.max_regs_per_thread``.
+    Knob names and exact types (:data:`CONFIG_TYPES`) and structure (tile divisibility, rows per warp, copy
+    split) are always checked; with ``gpu`` also dynamic shared memory against ``gpu.smem_per_block`` and the
+    estimated registers against ``gpu.max_regs_per_thread``.
     """
-    unknown = set(dict(config.extra)) - set(CONFIG_EXTRAS)
-    if unknown:
-        raise KernelConfigError(f"unknown TVM config knobs {sorted(unknown)}; known: {', '.join(CONFIG_EXTRAS)}")
+    check_config_types(config, CONFIG_TYPES, "TVM")
     tile_m, tile_n = tiles(spec, config)
     w, st = config.num_warps, config.num_stages
     if w not in WARPS:
@@ -430,6 +431,10 @@ class TvmKernel:
         """
         spec = self.spec
         check_kernel_call(spec, self.layout, q, k, v, out, lse, device_type="cpu")
+        if q.shape[0] != spec.batch:  # the CPU (llvm) build fixes the batch in its buffer shapes; cubins do not
+            raise KernelInputError(f"q must have shape {(spec.batch, *q.shape[1:])}: this in-process TVM kernel "
+                                   f"was built for batch {spec.batch} (its cubin runs any batch), got batch "
+                                   f"{q.shape[0]}")
         scale = _check_scale(scale, spec.head_dim)
         out = torch.empty_like(q) if out is None else out
         args = [q, k, v, out]

@@ -11,9 +11,21 @@ Document (``format_version`` 1)::
 
 Trials are listed in recording order. An import checks everything before it writes anything: exact field sets
 and types, every key recomputed from its content, every reference resolved, medians recomputed, and each
-claimed winner the best valid trial of its pair (ties to the earlier). A document that fails any check is
-refused whole with :class:`~.schema.ExchangeFormatError`. Accepted records go through the normal write path in
-one transaction, so importing twice adds nothing and the importing database decides its own winners.
+claimed winner the best valid trial of its pair (ties to the earlier). Then every valid trial - a record that
+can win - must be one the compiler can use (:func:`sparvar_compiler.tuner.validate.validate_record`): a target
+in the GPU registry, a config the backend accepts (known knobs of exact types, known enum values) within the
+launch limits, and a median no faster than the roofline bound of its workload on its target. Invalid trials
+are evidence, not candidates, and keep the configs they failed with.
+
+A document that fails any check is refused whole with :class:`~.schema.ExchangeFormatError`, whose one-line
+message names the first bad record (``import refused: trials[3] (triton/block 4096x10521 64x64 on h100):
+block_m must be an integer, got 64.9``): an export is one consistent set of measurements, and a partly
+imported one would leave winners that its author never saw. Accepted records go through the normal write path
+in one transaction, so importing twice adds nothing and the importing database decides its own winners.
+
+:func:`import_json` bounds what it reads before parsing (:mod:`.bounded_json`): at most
+``limits.MAX_JSON_BYTES``, strict UTF-8, nesting up to ``MAX_JSON_DEPTH``, number literals up to
+``MAX_JSON_NUMBER_DIGITS`` characters.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .bounded_json import JsonInputError, read_json
 from .keys import config_key, resolve_config, target_key, workload_key
 from .schema import INVALID_REASONS, ExchangeFormatError, TuningDatabaseError
 from .store import TrialRecord, TuningDatabase, freeze_sqlite
@@ -204,6 +217,29 @@ def validate_document(doc: Any) -> None:
         claimed.add(pair)
     if claimed != set(best):
         raise _fail("winners", f"{len(set(best) - claimed)} workload/target pairs with valid trials have none")
+    _check_usable(doc)
+
+
+def _check_usable(doc: Mapping[str, Any]) -> None:
+    """Every valid trial of a well-formed document is one the compiler can use (see the module docstring)."""
+    # The validator needs the code generators (and torch): imported here, so that the database itself never does.
+    from ..codegen.spec import KernelSpec
+    from ..errors import SparvarError
+    from ..tuner.validate import registered_gpu, validate_record
+
+    specs = {w["key"]: w["spec"] for w in doc["workloads"]}
+    targets = {t["key"]: t for t in doc["targets"]}
+    for i, t in enumerate(doc["trials"]):
+        if not t["valid"]:
+            continue
+        spec_d, target = specs[t["workload_key"]], targets[t["target_key"]]
+        where = (f"trials[{i}] ({spec_d['backend']}/{spec_d['kind']} {spec_d['q_len']}x{spec_d['kv_len']} "
+                 f"{spec_d['block_m']}x{spec_d['block_n']} on {target['name']})")
+        try:
+            spec = KernelSpec(**spec_d)
+            validate_record(spec, t["config"], registered_gpu(target), t["median_ms"])
+        except SparvarError as e:
+            raise _fail(where, str(e)) from None
 
 
 def import_document(db: TuningDatabase, doc: Any) -> dict[str, int]:
@@ -236,14 +272,12 @@ def import_json(db: TuningDatabase, source: str | os.PathLike | Mapping[str, Any
     if isinstance(source, Mapping):
         return import_document(db, source)
     try:
-        doc = json.loads(Path(source).read_text(), parse_constant=_refuse_constant)
-    except (OSError, ValueError) as e:
-        raise ExchangeFormatError(f"import refused: cannot read {source}: {e}") from None
+        doc = read_json(source, what="a tuning export")
+    except JsonInputError as e:
+        raise ExchangeFormatError(f"import refused: cannot read {e}") from None
+    except OSError as e:
+        raise ExchangeFormatError(f"import refused: cannot read {source}: {e.strerror or e}") from None
     return import_document(db, doc)
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def build_shipped_database(path: str | os.PathLike, exports: Iterable[str | os.PathLike | Mapping] = (), *,

@@ -24,10 +24,14 @@ test checks that the two agree.
 
 from __future__ import annotations
 
+import re
+import sqlite3
+import sys
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Double, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..errors import SparvarError
@@ -55,6 +59,57 @@ class EnvironmentMismatchError(TuningDatabaseError):
 
 class ExchangeFormatError(TuningDatabaseError):
     """A JSON export that is malformed, tampered with, or of a newer format."""
+
+
+class SkippedRecordWarning(UserWarning):
+    """A tuning record that cannot be used (malformed, or failing
+    :func:`~sparvar_compiler.tuner.validate.validate_record`) was passed over; the next one, or the default
+    config, is used instead."""
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]*@")
+
+
+def mask_password(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (also for a URL too malformed to parse)."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def is_driver_error(e: BaseException) -> bool:
+    """An error of the database or its driver: SQLAlchemy's, sqlite3's, psycopg's, or Optuna's storage error
+    (which wraps them)."""
+    if isinstance(e, (SQLAlchemyError, sqlite3.Error)):
+        return True
+    # Only modules something imported can have raised: nothing is imported here to find out.
+    psycopg, optuna = sys.modules.get("psycopg"), sys.modules.get("optuna.exceptions")
+    return (psycopg is not None and isinstance(e, psycopg.Error)) or (
+        optuna is not None and isinstance(e, optuna.StorageInternalError))
+
+
+def first_line(e: BaseException) -> str:
+    """The driver's own message (SQLAlchemy wraps it as ``orig``, Optuna as the cause), first line, without
+    SQLAlchemy's ``(module.Class)`` prefix or the SQL."""
+    inner = e
+    for _ in range(8):
+        nested = getattr(inner, "orig", None)
+        if nested is None and inner.__cause__ is not None and is_driver_error(inner.__cause__):
+            nested = inner.__cause__
+        if nested is None or nested is inner:
+            break
+        inner = nested
+    text = str(inner).strip()
+    line = text.splitlines()[0].strip() if text else type(inner).__name__
+    line = re.sub(r"^\([\w.]+\)\s*", "", line)
+    return line[:300] or type(inner).__name__
+
+
+def database_error(url: str, e: BaseException, opening: bool = False) -> TuningDatabaseError:
+    """The one-line :class:`TuningDatabaseError` for a driver error ``e`` of the database at ``url``:
+    ``tuning database URL: PROBLEM`` (``cannot open the tuning database URL: PROBLEM`` while ``opening``)."""
+    what = f"{'cannot open the' if opening else ''} tuning database {mask_password(url)}".strip()
+    return TuningDatabaseError(f"{what}: {first_line(e)}")
 
 
 def utcnow() -> datetime:

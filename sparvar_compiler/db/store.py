@@ -16,6 +16,14 @@ Where the files are
 
 :class:`LayeredDatabase` reads winners from the user database first and the shipped one second, and writes
 only to the user database; :meth:`LayeredDatabase.stats` shows which winner each layer supplies.
+``LayeredDatabase.open_default(readonly=True)`` writes nothing anywhere: for a compile that will not tune.
+
+Errors
+------
+Every public method raises :class:`~.schema.TuningDatabaseError` (a one-line message naming the database, its
+password masked, and the driver's first line) for what goes wrong in the database: a dropped table, a server
+stopped mid-transaction, a URL without an installed driver (``mysql://``), a malformed URL. SQLAlchemy, sqlite3
+and psycopg exceptions never leave this module.
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ from .keys import (canonical_json, config_key, resolve_config, resolve_target, r
                    workload_key)
 from .migrations import check_supported, schema_version, upgrade
 from .schema import (INVALID_REASONS, SCHEMA_VERSION, CorruptRecordError, EnvironmentMismatchError,
-                     SchemaVersionError, Target, Trial, TuningDatabaseError, Winner, Workload, utcnow)
+                     SchemaVersionError, SkippedRecordWarning, Target, Trial, TuningDatabaseError, Winner, Workload,
+                     database_error, first_line, is_driver_error, mask_password, utcnow)
 from .studies import read_study_attrs, release_storage
 
 BUSY_TIMEOUT_MS = 30_000
@@ -206,6 +215,33 @@ def _this_environment() -> dict[str, Any]:
     return collect_environment()
 
 
+# ---------------------------------------------------------------------------------------------------- errors
+
+@contextmanager
+def _boundary(url: str, opening: bool = False) -> Iterator[None]:
+    """Turn a driver error raised inside into :func:`database_error`; anything else passes."""
+    try:
+        yield
+    except TuningDatabaseError:
+        raise
+    except Exception as e:
+        if not is_driver_error(e):
+            raise
+        raise database_error(url, e, opening) from e
+
+
+def _mapped(method):
+    """A :class:`TuningDatabase` or :class:`Writer` method whose driver errors become one-line
+    :class:`TuningDatabaseError` (the object's ``url`` names the database)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _boundary(self.url):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------------- engines
 
 def _sqlite_engine(path: Path, readonly: bool, immutable: bool) -> Engine:
@@ -218,10 +254,26 @@ def _sqlite_engine(path: Path, readonly: bool, immutable: bool) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = path.as_uri()
 
-    def connect() -> sqlite3.Connection:
+    def open_uri(target: str) -> sqlite3.Connection:
         # isolation_level=None: the driver must not issue its own BEGIN; the "begin" listener below does.
-        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+        return sqlite3.connect(target, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
+
+    def connect() -> sqlite3.Connection:
+        conn = open_uri(uri)
+        if not readonly or immutable:
+            return conn
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            # A WAL database can be read without write access only if its -shm/-wal files exist; in a read-only
+            # directory (a read-only cache, a read-only install) where they do not, nobody can be writing it
+            # either, so it is read as immutable.
+            conn.close()
+            if os.access(path.parent, os.W_OK):
+                raise
+            return open_uri(uri + "&immutable=1")
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
 
@@ -286,9 +338,14 @@ class TuningDatabase:
             else:
                 with self._write_engine.begin() as conn:
                     upgrade(conn)
-        except SQLAlchemyError as e:
+        except TuningDatabaseError:
             engine.dispose()
-            raise TuningDatabaseError(f"cannot open the tuning database {url}: {e}") from e
+            raise
+        except Exception as e:
+            engine.dispose()
+            if not is_driver_error(e):
+                raise
+            raise database_error(url, e, opening=True) from e
         except BaseException:
             engine.dispose()
             raise
@@ -317,18 +374,38 @@ class TuningDatabase:
         text = os.fspath(url_or_path)
         if "://" not in text:
             path = Path(text).expanduser()
-            return cls(_sqlite_engine(path, readonly, False), str(path), readonly, f"sqlite:///{path.resolve()}")
-        url = make_url(text)
+            with _boundary(str(path), opening=True):
+                engine = _sqlite_engine(path, readonly, False)
+            return cls(engine, str(path), readonly, f"sqlite:///{path.resolve()}")
+        try:
+            url = make_url(text)
+            url.get_dialect()  # an unknown dialect is an error here, not at the first query
+        except (SQLAlchemyError, ValueError) as e:
+            raise TuningDatabaseError(f"tuning database {mask_password(text)}: not a database URL "
+                                      f"({first_line(e)}); give a SQLite file path or a URL such as "
+                                      f"postgresql+psycopg://user@host/db") from None
+        shown = url.render_as_string(hide_password=True)
         if url.get_backend_name() == "sqlite":
             if not url.database or url.database == ":memory:" or url.database.startswith("file:"):
-                raise TuningDatabaseError(f"a SQLite tuning database must be a plain file path, got {text!r}")
+                raise TuningDatabaseError(f"a SQLite tuning database must be a plain file path, got "
+                                          f"{mask_password(text)!r}")
             path = Path(url.database).expanduser()
-            return cls(_sqlite_engine(path, readonly, False), url.database, readonly, f"sqlite:///{path.resolve()}")
+            with _boundary(url.database, opening=True):
+                engine = _sqlite_engine(path, readonly, False)
+            return cls(engine, url.database, readonly, f"sqlite:///{path.resolve()}")
         if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
             from .._optional import require
 
             require(url.get_driver_name(), "postgres", "a PostgreSQL tuning database")
-        return cls(create_engine(url, pool_pre_ping=True), url.render_as_string(hide_password=True), readonly)
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except ImportError as e:
+            raise TuningDatabaseError(f"tuning database {shown}: no driver for {url.drivername} is installed "
+                                      f"({e}); sparvar-compiler supports SQLite files and "
+                                      f"postgresql+psycopg:// URLs") from None
+        except (SQLAlchemyError, ValueError, TypeError) as e:
+            raise TuningDatabaseError(f"tuning database {shown}: cannot use this URL: {first_line(e)}") from None
+        return cls(engine, shown, readonly)
 
     @classmethod
     def open_shipped(cls, path: str | os.PathLike | None = None) -> "TuningDatabase":
@@ -373,20 +450,23 @@ class TuningDatabase:
         """
         if self.readonly:
             raise TuningDatabaseError(f"{self.url} is opened read-only")
-        with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
-            yield Writer(s)
+        with _boundary(self.url), Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+            yield Writer(s, self.url)
 
     # Writes: each its own transaction.
+    @_mapped
     def add_target(self, gpu: Mapping[str, Any]) -> str:
         """Store a target (``GpuSpec.to_dict()`` or ``{"name", "arch", "sm_count"}``); returns its key."""
         with self.batch() as w:
             return w.add_target(gpu)
 
+    @_mapped
     def add_workload(self, spec: Mapping[str, Any]) -> str:
         """Store a workload (``KernelSpec.to_dict()``); returns its key."""
         with self.batch() as w:
             return w.add_workload(spec)
 
+    @_mapped
     def record_trial(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
                      config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
                      reason: str | None = None, detail: str | None = None,
@@ -399,6 +479,7 @@ class TuningDatabase:
                                   detail=detail, environment=environment, study=study, worker=worker)
 
     # Reads.
+    @_mapped
     def winner(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
                environment: Mapping[str, Any] | None = None) -> TrialRecord | None:
         """The best valid trial of a workload on a target, or None if there is none.
@@ -447,9 +528,72 @@ class TuningDatabase:
                                                + "; ".join(map(str, hard)))
             if soft:
                 warnings.warn(SoftMismatchWarning(f"{what} is used although "
-                                                  + "; ".join(map(str, soft))), stacklevel=2)
+                                                  + "; ".join(map(str, soft))), stacklevel=3)
         return record
 
+    def winners(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+                environment: Mapping[str, Any] | None = None) -> Iterator[TrialRecord]:
+        """Every usable valid trial of a workload on a target, best first: lowest median, ties to the lower id
+        (the order that makes the first one :meth:`winner`).
+
+        A caller that cannot use a record (one that fails
+        :func:`~sparvar_compiler.tuner.validate.validate_record`) takes the next. Trials whose environment
+        is a hard mismatch for ``environment`` are skipped, a soft mismatch warns when its record is reached (as
+        in :meth:`winner`), and a malformed stored trial is skipped with a warning instead of ending the
+        iteration. The rows are read when iteration starts.
+
+        Raises
+        ------
+        EnvironmentMismatchError
+            At the end of the iteration, if records exist but every one was a hard mismatch (what
+            :meth:`winner` raises).
+        CorruptRecordError
+            The workload or target row is malformed.
+        TuningDatabaseError
+            The database fails while the rows are read.
+        """
+        wk = _key_of(workload, workload_key, "workload")
+        tk = _key_of(target, target_key, "target")
+        return self._winners(wk, tk, environment)
+
+    def _winners(self, wk: str, tk: str, environment: Mapping[str, Any] | None) -> Iterator[TrialRecord]:
+        with _boundary(self.url), self._reading() as s:
+            rows = list(s.scalars(select(Trial).where(Trial.workload_key == wk, Trial.target_key == tk,
+                                                      Trial.valid.is_(True))
+                                  .order_by(Trial.median_ms, Trial.id)))
+            if not rows:
+                return
+            workload_row, target_row = s.get(Workload, wk), s.get(Target, tk)
+            if workload_row is None or target_row is None:
+                raise CorruptRecordError(f"corrupt tuning record: trials of workload {wk} on target {tk} "
+                                         f"without their workload or target")
+            _checked_workload(workload_row)
+            stored_target = _checked_target(target_row)
+        refused: EnvironmentMismatchError | None = None
+        yielded = False
+        for row in rows:
+            try:
+                record = _trial_record(row)
+            except CorruptRecordError as e:
+                warnings.warn(SkippedRecordWarning(f"{e}; skipped"), stacklevel=2)
+                continue
+            if environment is not None:
+                hard, soft = classify_mismatch(record.environment, environment, stored_target,
+                                               target_of(environment))
+                what = f"tuning record {record.id} ({stored_target['name']}, workload {wk[:12]})"
+                if hard:
+                    refused = refused or EnvironmentMismatchError(
+                        f"{what} was measured elsewhere and cannot be reused: " + "; ".join(map(str, hard)))
+                    continue
+                if soft:
+                    warnings.warn(SoftMismatchWarning(f"{what} is used although " + "; ".join(map(str, soft))),
+                                  stacklevel=2)
+            yielded = True
+            yield record
+        if refused is not None and not yielded:
+            raise refused
+
+    @_mapped
     def trials(self, workload: Mapping[str, Any] | str | None = None,
                target: Mapping[str, Any] | str | None = None, *, study: str | None = None,
                valid: bool | None = None) -> list[TrialRecord]:
@@ -466,26 +610,31 @@ class TuningDatabase:
         with self._reading() as s:
             return [_trial_record(t) for t in s.scalars(query)]
 
+    @_mapped
     def workload(self, key: str) -> dict[str, Any] | None:
         """The resolved spec stored under ``key`` (checked), or None."""
         with self._reading() as s:
             row = s.get(Workload, key)
             return None if row is None else _checked_workload(row)
 
+    @_mapped
     def target(self, key: str) -> dict[str, Any] | None:
         """The target stored under ``key`` (checked), or None."""
         with self._reading() as s:
             row = s.get(Target, key)
             return None if row is None else _checked_target(row)
 
+    @_mapped
     def workloads(self) -> dict[str, dict[str, Any]]:
         with self._reading() as s:
             return {row.key: _checked_workload(row) for row in s.scalars(select(Workload).order_by(Workload.key))}
 
+    @_mapped
     def targets(self) -> dict[str, dict[str, Any]]:
         with self._reading() as s:
             return {row.key: _checked_target(row) for row in s.scalars(select(Target).order_by(Target.key))}
 
+    @_mapped
     def winner_keys(self) -> list[tuple[str, str]]:
         """(workload key, target key) of every winner."""
         with self._reading() as s:
@@ -493,12 +642,14 @@ class TuningDatabase:
                              .order_by(Winner.workload_key, Winner.target_key))
             return [tuple(r) for r in rows]
 
+    @_mapped
     def studies(self) -> dict[str, dict[str, Any]]:
         """``{name: user attributes}`` of the Optuna studies stored beside the records
         (:mod:`.studies`; read without Optuna)."""
         with self._engine.connect() as conn:
             return read_study_attrs(conn)
 
+    @_mapped
     def stats(self) -> dict[str, Any]:
         """Counts: ``targets``, ``workloads``, ``winners``, ``studies`` (Optuna's, beside the records), and
         ``trials`` as ``{"total", "valid", "invalid": {reason: n for every reason}}``, plus ``schema_version``."""
@@ -518,10 +669,11 @@ class TuningDatabase:
 
 
 class Writer:
-    """Writes inside one :meth:`TuningDatabase.batch` transaction."""
+    """Writes inside one :meth:`TuningDatabase.batch` transaction (``url``: the database's, for errors)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, url: str = "") -> None:
         self._s = session
+        self.url = url
 
     def _insert_ignore(self, model, values: dict[str, Any], unique: list[str]) -> bool:
         """Insert unless a row with the same ``unique`` columns exists (or is being inserted by a concurrent
@@ -539,12 +691,14 @@ class Writer:
         except IntegrityError:
             return False
 
+    @_mapped
     def add_target(self, gpu: Mapping[str, Any]) -> str:
         resolved = resolve_target(gpu)
         key = target_key(resolved)
         self._insert_ignore(Target, {"key": key, **resolved, "created_at": utcnow()}, ["key"])
         return key
 
+    @_mapped
     def add_workload(self, spec: Mapping[str, Any]) -> str:
         resolved = resolve_workload(spec)
         key = workload_key(resolved)
@@ -556,6 +710,7 @@ class Writer:
             raise TuningDatabaseError(f"unknown {what} key {key}; pass the {what} itself to add it")
         return key
 
+    @_mapped
     def record_trial(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
                      config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
                      reason: str | None = None, detail: str | None = None,
@@ -587,6 +742,7 @@ class Writer:
         return self.record(workload, target, config, timings_ms, valid=valid, reason=reason, detail=detail,
                            environment=environment, study=study, worker=worker)[0]
 
+    @_mapped
     def record(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
                config: Mapping[str, Any], timings_ms: Sequence[float] = (), *, valid: bool = True,
                reason: str | None = None, detail: str | None = None, environment: Mapping[str, Any] | None = None,
@@ -647,27 +803,45 @@ class LayeredDatabase:
 
     The usual stack is the user's database over the shipped one (:meth:`open_default`). A layer whose record is
     refused for a hard environment mismatch is passed over; if no layer has a usable record the first refusal
-    is raised.
+    is raised. A stack may be empty (a read-only :meth:`open_default` with neither database present): it has
+    no winners.
     """
 
-    def __init__(self, writable: TuningDatabase, *fallbacks: TuningDatabase) -> None:
-        self.layers: tuple[TuningDatabase, ...] = (writable, *fallbacks)
+    def __init__(self, *layers: TuningDatabase) -> None:
+        self.layers: tuple[TuningDatabase, ...] = layers
 
     @classmethod
-    def open_default(cls, user: str | os.PathLike | None = None, shipped: bool = True) -> "LayeredDatabase":
-        """The user database (``user`` or :func:`default_database_url`) over the shipped one, if present."""
-        top = TuningDatabase.open(user if user is not None else default_database_url())
-        path = shipped_database_path() if shipped else None
-        if path is not None and path.is_file():
-            try:
-                return cls(top, TuningDatabase.open_shipped(path))
-            except BaseException:
-                top.close()
-                raise
-        return cls(top)
+    def open_default(cls, user: str | os.PathLike | None = None, shipped: bool = True,
+                     readonly: bool = False) -> "LayeredDatabase":
+        """The user database (``user`` or :func:`default_database_url`) over the shipped one, if present.
+
+        ``readonly``: for a compile that will not tune (no GPU, ``--tune never``). The user database is opened
+        read-only: a user SQLite file that does not exist is left out (the stack is then the shipped database
+        alone; no directory or file is created), no record is written, and a read-only cache directory or
+        install location works. (Reading a WAL-mode SQLite file makes SQLite keep its ``-wal``/``-shm`` side
+        files beside it where the directory is writable; in a read-only directory the file is read as
+        immutable.)
+        """
+        target = user if user is not None else default_database_url()
+        layers: list[TuningDatabase] = []
+        try:
+            if not (readonly and _missing_sqlite_file(target)):
+                layers.append(TuningDatabase.open(target, readonly=readonly))
+            path = shipped_database_path() if shipped else None
+            if path is not None and path.is_file():
+                layers.append(TuningDatabase.open_shipped(path))
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(*layers)
 
     @property
     def user(self) -> TuningDatabase:
+        """The first layer (the one written to)."""
+        if not self.layers:
+            raise TuningDatabaseError("no tuning database is open (the user database does not exist and nothing "
+                                      "else was found)")
         return self.layers[0]
 
     def winner(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
@@ -685,6 +859,26 @@ class LayeredDatabase:
         if refused is not None:
             raise refused
         return None
+
+    def winners(self, workload: Mapping[str, Any] | str, target: Mapping[str, Any] | str,
+                environment: Mapping[str, Any] | None = None) -> Iterator[TrialRecord]:
+        """:meth:`TuningDatabase.winners` of every layer in turn (the first layer's records first, best first
+        within each), so that a caller that cannot use a record takes the next one. Raises the first layer's
+        :class:`EnvironmentMismatchError` at the end if no layer had a usable record but some were refused."""
+        return self._winners(workload, target, environment)
+
+    def _winners(self, workload, target, environment) -> Iterator[TrialRecord]:
+        refused: EnvironmentMismatchError | None = None
+        yielded = False
+        for layer in self.layers:
+            try:
+                for record in layer.winners(workload, target, environment):
+                    yielded = True
+                    yield record
+            except EnvironmentMismatchError as e:
+                refused = refused or e
+        if refused is not None and not yielded:
+            raise refused
 
     def stats(self, environment: Mapping[str, Any] | None = None, *, backends: Sequence[str] = ("triton",),
               block_sizes: Sequence[int] = (64, 128), match_plans: bool = True) -> dict[str, Any]:
@@ -771,6 +965,18 @@ class LayeredDatabase:
         self.close()
 
 
+def _missing_sqlite_file(url_or_path: str | os.PathLike) -> bool:
+    """Whether ``url_or_path`` names a SQLite file that does not exist (a URL of another database: False)."""
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        return not Path(text).expanduser().exists()
+    try:
+        url = make_url(text)
+    except (SQLAlchemyError, ValueError):
+        return False
+    return url.get_backend_name() == "sqlite" and bool(url.database) and not Path(url.database).expanduser().exists()
+
+
 # ---------------------------------------------------------------------------------------------------- layered stats
 
 _CONTEXT_FIELDS = ("model", "resolution", "aspect", "scale")
@@ -783,7 +989,7 @@ def _winner_contexts(layers: Sequence[TuningDatabase]) -> dict[tuple[str, str | 
     for layer in layers:
         try:
             studies = layer.studies()
-        except SQLAlchemyError:  # unreadable Optuna tables only cost the names
+        except TuningDatabaseError:  # unreadable Optuna tables only cost the names
             continue
         for attrs in studies.values():
             wk, tk = attrs.get("workload_key"), attrs.get("target_key")

@@ -32,6 +32,8 @@ from typing import Any
 
 from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, Text, inspect, select
 
+from .schema import database_error, is_driver_error
+
 _log = logging.getLogger(__name__)
 
 #: Optuna's study tables (its schema, stable since Optuna 3.2), described for reading without Optuna.
@@ -50,9 +52,11 @@ def _retrying(action: Callable[[], Any], url: str) -> Any:
     for attempt in range(8):
         try:
             return action()
-        except Exception:  # noqa: BLE001 - see above; the last attempt's error is raised
+        except Exception as e:  # noqa: BLE001 - see above; the last attempt's error is raised
             release_storage(url)
             if attempt == 7:
+                if is_driver_error(e):  # one line naming the database (password masked), not a traceback
+                    raise database_error(url, e) from e
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")

@@ -120,9 +120,11 @@ def measure_bundle(bundle: str | Path, out: str | Path, progress: Callable[[str]
     from ..runtime.cubin import LoadedKernel
     from .measure import check_and_time, prepare
 
+    from ..db.bounded_json import read_json
+
     root = Path(bundle)
-    doc = json.loads((root / "bundle.json").read_text())
-    if doc.get("format") != FORMAT:
+    doc = read_json(root / "bundle.json", what="a bundle")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{root}: not a sparvar bundle")
     records = []
     for w in doc["workloads"]:

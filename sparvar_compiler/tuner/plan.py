@@ -71,6 +71,7 @@ def tune_plan(plan, gpu: GpuSpec, db, backends: tuple[str, ...], block_sizes: tu
     from ..db import SoftMismatchWarning, TuningDatabaseError, collect_environment
     from ..emit.emitter import plan_workloads
     from .runners import LocalRunner
+    from .validate import usable_winner
 
     progress = progress or _stderr
     local = runner is None
@@ -86,7 +87,8 @@ def tune_plan(plan, gpu: GpuSpec, db, backends: tuple[str, ...], block_sizes: tu
             try:
                 with warnings.catch_warnings():  # usable is all this asks; compile notes soft mismatches once
                     warnings.simplefilter("ignore", SoftMismatchWarning)
-                    have = db.winner(spec.to_dict(), gpu.to_dict(), environment)
+                    have = usable_winner(db, spec, gpu, environment,
+                                         layout=None if spec.dynamic else layout)
             except TuningDatabaseError:  # a record from another compiler or card: not usable here, so tune
                 have = None
             if have is not None:

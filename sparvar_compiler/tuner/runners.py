@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..codegen.spec import KernelConfig, KernelConfigError, KernelSpec
+from ..errors import SparvarError
 from ..planner.layout import BlockLayout
 from .measure import Measurement
 
@@ -95,6 +96,10 @@ class LocalRunner:
         return prepare(spec, layout, seed=self.seed, mask=mask), None
 
 
+class ReplayFileError(SparvarError):
+    """A replay file that cannot be read or holds a malformed record."""
+
+
 def replay_key(spec: KernelSpec, config: KernelConfig) -> str:
     return json.dumps({"spec": spec.to_dict(), "config": config.to_dict()}, sort_keys=True)
 
@@ -110,16 +115,42 @@ class ReplayRunner:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ReplayRunner":
-        data = json.loads(Path(path).read_text())
-        return cls.from_records(data["records"])
+        """Read a replay file (``measure_bundle``'s output), bounded like every JSON input
+        (:mod:`sparvar_compiler.db.bounded_json`).
+
+        Raises
+        ------
+        ReplayFileError
+            One line naming the file and what is wrong with it (unreadable, too large or deep, not JSON, a
+            malformed record).
+        """
+        from ..db.bounded_json import JsonInputError, read_json
+
+        try:
+            data = read_json(path, what="a replay file")
+        except JsonInputError as e:
+            raise ReplayFileError(f"replay file {e}") from None
+        except OSError as e:
+            raise ReplayFileError(f"replay file {path}: {e.strerror or e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise ReplayFileError(f"replay file {path}: not a replay file (no \"records\" list)")
+        try:
+            return cls.from_records(data["records"])
+        except ReplayFileError as e:
+            raise ReplayFileError(f"replay file {path}: {e}") from None
 
     @classmethod
     def from_records(cls, records: list[dict]) -> "ReplayRunner":
         out = {}
-        for r in records:
-            spec = KernelSpec(**r["spec"])
-            config = KernelConfig.from_dict(r["config"])
-            out[replay_key(spec, config)] = Measurement.from_dict(r["measurement"])
+        for i, r in enumerate(records):
+            try:
+                spec = KernelSpec(**r["spec"])
+                config = KernelConfig.from_dict(r["config"])
+                out[replay_key(spec, config)] = Measurement.from_dict(r["measurement"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else \
+                    type(e).__name__
+                raise ReplayFileError(f"records[{i}]: {what}") from None
         return cls(out)
 
     def measure(self, spec: KernelSpec, config: KernelConfig, layout: BlockLayout) -> Measurement:

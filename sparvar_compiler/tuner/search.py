@@ -22,18 +22,20 @@ import math
 import random
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..codegen.spec import KernelConfig, KernelSpec
-from ..db import TuningDatabase, config_key, workload_key
+from ..codegen.spec import KernelConfig, KernelConfigError, KernelSpec
+from ..db import SkippedRecordWarning, TuningDatabase, config_key, workload_key
 from ..db.keys import target_key
 from ..db.studies import RecordStudy, config_domains, open_record_study, study_owner
 from ..planner.gpus import GpuSpec
 from ..planner.layout import BlockLayout
 from .measure import STORED_REASONS, Measurement
 from .runners import Runner, backend_module
+from .validate import usable_winner, validate_record
 
 _log = logging.getLogger(__name__)
 
@@ -60,11 +62,33 @@ class TuneResult:
 
 
 def candidates(spec: KernelSpec, gpu: GpuSpec | None) -> list[KernelConfig]:
-    """The backend's valid search space, with its default config first."""
+    """The backend's valid search space, with its default config first; with ``gpu``, only configs that pass
+    :func:`~.validate.validate_record` there (the launch limits besides the backend's own check; if the default
+    config does not launch, the first that does leads instead).
+
+    Raises
+    ------
+    KernelConfigError
+        No config launches on ``gpu`` (the default's reason, e.g. a batch whose grid exceeds CUDA's limits).
+    """
     mod = backend_module(spec.backend)
     space = list(mod.search_space(spec, gpu))
     default = mod.default_config(spec, gpu)
-    return [default] + [c for c in space if c != default]
+    out = [default] + [c for c in space if c != default]
+    if gpu is None:
+        return out
+    launchable = [c for c in out if _launchable(spec, c, gpu)]
+    if not launchable:
+        validate_record(spec, default, gpu)  # raises with the reason
+    return launchable
+
+
+def _launchable(spec: KernelSpec, config: KernelConfig, gpu: GpuSpec) -> bool:
+    try:
+        validate_record(spec, config, gpu)
+    except KernelConfigError:
+        return False
+    return True
 
 
 def _domains(configs: Sequence[KernelConfig]) -> dict[str, list]:
@@ -216,6 +240,11 @@ class Tuner:
             result.reused += 1
             return seen[ckey]
         m = self.runner.measure(spec, config, layout)
+        if m.valid:
+            try:  # a time no GPU can reach means the kernel did not do its work
+                validate_record(spec, config, self.gpu, m.median_ms, layout=None if spec.dynamic else layout)
+            except KernelConfigError as e:
+                m = Measurement(False, reason="wrong_result", detail=str(e)[:500])
         if m.valid or m.reason in STORED_REASONS:
             reason = None if m.valid else m.reason
             with self.db.batch() as w:
@@ -305,10 +334,10 @@ class Tuner:
                 self._report(spec, len(seen), goal, m, wkey, tkey, t0)
         else:
             self._tpe(spec, layout, space, trials, seed, study, name, wkey, tkey, seen, result, t0, out_of_time)
-        win = self.db.winner(wkey, tkey)
-        if win is not None:
-            result.best_config = KernelConfig.from_dict(win.config)
-            result.best_ms = float(win.median_ms)
+        # The best record the compiler can use (an imported one that fails validation is passed over).
+        found = usable_winner(self.db, spec, self.gpu, layout=None if spec.dynamic else layout)
+        if found is not None:
+            result.best_config, result.best_ms = found[1], float(found[0].median_ms)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -367,8 +396,10 @@ class Tuner:
             self._report(spec, len(seen), goal, m, wkey, tkey, t0)
 
     def _report(self, spec, i, n, m, wkey, tkey, t0):
-        win = self.db.winner(wkey, tkey)
-        best = f"{win.median_ms:.4f} ms" if win is not None else "-"
+        with warnings.catch_warnings():  # tune() names a skipped record once, at the end
+            warnings.simplefilter("ignore", SkippedRecordWarning)
+            win = usable_winner(self.db, spec, self.gpu)
+        best = f"{win[0].median_ms:.4f} ms" if win is not None else "-"
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(i, 1) * max(n - i, 0)
         what = f"{m.median_ms:.4f} ms" if m.valid else f"invalid ({m.reason})"
