@@ -352,7 +352,17 @@ def test_module_refuses_tampered_cs4a_tables(cs4a_modules, tmp_path):
     manifest["cs4a"]["scales"].pop(str(max(int(s) for s in manifest["cs4a"]["scales"])))
     shutil.rmtree(bad)
     shutil.copytree(d, bad)
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    from sparvar_compiler.emit.manifest import write_manifest
+
+    # A consistent edit (the digest sidecar rewritten too) still fails the schema: cs4a dispatch without its kernel.
+    (bad / "manifest.json").unlink()
+    (bad / "manifest.sha256").unlink()
+    with pytest.raises(ModuleError, match="cs4a"):
+        write_manifest(bad, manifest)
+    data = json.dumps(manifest)
+    import hashlib
+    (bad / "manifest.json").write_text(data)
+    (bad / "manifest.sha256").write_text(f"{hashlib.sha256(data.encode()).hexdigest()}  manifest.json\n")
     with pytest.raises(ModuleError, match="cs4a"):
         rt.load(bad, device="cpu")
 

@@ -1,6 +1,7 @@
 """The emitted runtime module on the CPU: emission, verification, tampering, loading (fallback path) and
 dispatch, against references built independently from the layouts."""
 
+import hashlib
 import json
 import shutil
 
@@ -114,6 +115,10 @@ def test_missing_file_extra_file_and_other_gpu(module, tmp_path):
     manifest = json.loads((d3 / "manifest.json").read_text())
     manifest["format_version"] = 99
     (d3 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModuleError, match="manifest.json was modified"):  # its digest is manifest.sha256's
+        rt.load(d3)
+    data = (d3 / "manifest.json").read_bytes()
+    (d3 / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
     with pytest.raises(ModuleError, match="format version 99"):
         rt.load(d3)
 

@@ -15,12 +15,11 @@ later-scale calls (a later call without one raises).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..codegen.artifact import CompiledKernel
 from ..codegen.spec import KernelInputError
 from ..cs4a.select import (block_mass, dcsla_select, fill_tables, group_mass, kernel_tables_mask,
                            tables_from_data, topk_keys, upsample_add)
@@ -70,8 +69,11 @@ class CS4ARuntime:
     """The CS4A state and kernels of one loaded module (see the module docstring)."""
 
     def __init__(self, section: dict[str, Any], plan: dict[str, Any], directory: Path, device: torch.device,
-                 fallback: bool, files=None):
-        files = files or (lambda rel: directory / rel)  # a module file's path (a set member's may be shared)
+                 fallback: bool, read: Callable[[str], bytes] | None = None):
+        """``section`` and ``plan`` come from a manifest checked by :func:`~sparvar_compiler.emit.manifest.
+        check_manifest`; ``read(rel)`` returns a module file's checked bytes (default: the file under
+        ``directory``, as listed)."""
+        read = read or (lambda rel: (directory / rel).read_bytes())
         self.mode = section["mode"]
         self.residual = bool(section["residual"])
         self.decision_scale = int(section["decision_scale"])
@@ -85,17 +87,12 @@ class CS4ARuntime:
         self._specs: dict[int, dict] = {}
         for key, entry in section["scales"].items():
             scale = int(key)
-            with np.load(files(entry["tables_file"]), allow_pickle=False) as z:
-                arrays = {n: z[n] for n in z.files}
-            try:
-                self._tables[scale] = tables_from_data(entry["tables"], arrays)
-            except (ValueError, TypeError) as e:
-                raise ModuleError(f"cs4a tables of scale {scale}: {e}") from None
+            self._tables[scale] = _tables(entry, plan, section, read(entry["tables_file"]))
             self._specs[scale] = entry["spec"]
             if not fallback:
-                self._kernels[scale] = _load(files, entry, device)
-        self._stats = None if fallback else _load(files, section["stats"], device)
-        self._topk = None if fallback or "topk" not in section else _load(files, section["topk"], device)
+                self._kernels[scale] = _load(read, entry, device)
+        self._stats = None if fallback else _load(read, section["stats"], device)
+        self._topk = None if fallback or "topk" not in section else _load(read, section["topk"], device)
         dec = self._tables.get(self.decision_scale)
         if self.mode == "token":
             self.topk = int(next(iter(self._tables.values())).topk)
@@ -173,8 +170,64 @@ class CS4ARuntime:
         self._residual.clear()
 
 
-def _load(files, entry: dict[str, Any], device: torch.device):
+def _load(read: Callable[[str], bytes], entry: dict[str, Any], device: torch.device):
     from .cubin import LoadedKernel
+    from .module import compiled_kernel
 
-    compiled = CompiledKernel.from_meta(entry["meta"], files(entry["binary"]).read_bytes())
-    return LoadedKernel.load(compiled, device)
+    return LoadedKernel.load(compiled_kernel(f"cs4a kernel {entry['name']}", entry["meta"], read(entry["binary"])),
+                             device)
+
+
+def _tables(entry: dict[str, Any], plan: dict[str, Any], section: dict[str, Any], data: bytes):
+    """The static tables of one CS4A scale from its npz ``data``: every array of the shape and dtype its scalars
+    and the plan give, every index within what it indexes (the kernels read each entry, padding included)."""
+    from .module import read_npz
+
+    t = entry["tables"]
+    scale, what = t["scale"], f"cs4a tables of scale {t['scale']} ({entry['tables_file']})"
+    dec = plan["scales"][section["decision_scale"]]
+    i32, i64 = np.dtype(np.int32), np.dtype(np.int64)
+    if t["kind"] == "token":
+        rows, dec_rows, width_of = -(-t["q_len"] // t["group_size"]), -(-dec["tokens"] // t["group_size"]), t["kv_len"]
+        shapes = {"decision_group": (i64, (rows,)), "static_keys": (i32, None), "static_len": (i32, (rows,))}
+        if section["mapping"] != "identity" and scale != section["decision_scale"]:
+            shapes["key_map"] = (i32, (t["decision_kv_len"],))
+        static, decision = "static_keys", "decision_group"
+    else:
+        rows, dec_rows = -(-t["q_len"] // t["block"]), -(-dec["tokens"] // t["block"])
+        width_of = -(-t["kv_len"] // t["block"])
+        shapes = {"decision_row": (i64, (rows,)), "static_blocks": (i64, None), "static_len": (i32, (rows,))}
+        static, decision = "static_blocks", "decision_row"
+
+    def check(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if name not in shapes:
+            raise ModuleError(f"{what}: array {name} is not one the manifest's tables have")
+        want_dtype, want_shape = shapes[name]
+        ok = shape == want_shape if want_shape is not None else (len(shape) == 2 and shape[0] == rows
+                                                                  and shape[1] <= width_of)
+        if dtype != want_dtype or not ok:
+            raise ModuleError(f"{what}: array {name} is {dtype} {shape}, the manifest needs {want_dtype} "
+                              f"{want_shape or f'({rows}, at most {width_of})'}")
+
+    arrays = read_npz(data, what, check)
+    missing = sorted(set(shapes) - set(arrays))
+    if missing:
+        raise ModuleError(f"{what}: has no array {missing[0]}")
+    within = [(decision, dec_rows), (static, width_of)] + ([("key_map", t["kv_len"])] if "key_map" in arrays else [])
+    for name, bound in within:
+        a = arrays[name]
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= bound):
+            raise ModuleError(f"{what}: {name} holds an index outside 0..{bound - 1}")
+    lens = arrays["static_len"]
+    if lens.size and (int(lens.min()) < 0 or int(lens.max()) > arrays[static].shape[1]):
+        raise ModuleError(f"{what}: static_len holds a length outside 0..{arrays[static].shape[1]}")
+    try:
+        tables = tables_from_data(t, {n: a.copy() for n, a in arrays.items()})
+    except (ValueError, TypeError) as e:
+        raise ModuleError(f"{what}: {e}") from None
+    if t["kind"] == "block" and tables.capacity != entry["spec"]["capacity"]:
+        raise ModuleError(f"{what}: capacity {tables.capacity} is not its kernel's {entry['spec']['capacity']}")
+    if t["kind"] == "token" and t["capacity"] < t["topk"] + arrays[static].shape[1]:
+        raise ModuleError(f"{what}: capacity {t['capacity']} cannot hold top-{t['topk']} and "
+                          f"{arrays[static].shape[1]} static keys")
+    return tables

@@ -7,20 +7,31 @@ every planned sparse call runs reference attention over the same layouts (for te
 Calls are CUDA-graph capturable: shapes are fixed by the manifest (but for the batch, a launch size: any batch
 runs, the kernels being tuned at the manifest's ``batch``), kernel launches allocate nothing and never
 synchronise; pass ``out=`` to avoid even the output allocation.
+
+Loading trusts nothing in the directory. :func:`~sparvar_compiler.emit.manifest.verify_module` checks the
+manifest's digest, its schema and every file's hash first, so every field read here is present, typed and in
+range; each file is then read once more without following symlinks and re-hashed
+(:func:`~sparvar_compiler.emit.manifest.read_module_file`), every npz header is checked against the shapes and
+dtypes the manifest implies before its data is read (:func:`read_npz`), and every table a kernel indexes by must
+stay within its layout (a kernel reads padding entries too). A problem is one :class:`ModuleError`.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..codegen.artifact import CompiledKernel
+from ..codegen.artifact import CompiledKernel, KernelMetaError
 from ..codegen.spec import DTYPES, KernelInputError
-from ..emit.manifest import ModuleError, module_file, verify_module
+from ..emit.manifest import ModuleError, module_file, read_module_file, verify_module
+from ..errors import SparvarError
+from ..limits import MAX_ARRAYS_PER_FILE
 from ..planner.gpus import gpu_from_device_name
 from . import op as _op
 
@@ -36,9 +47,13 @@ class SparvarModule:
         Where it runs (``cuda:N``, or ``cpu`` in fallback mode).
     """
 
-    def __init__(self, directory: str | Path, device: str | torch.device | None = None):
+    def __init__(self, directory: str | Path, device: str | torch.device | None = None, *,
+                 _verified: dict[str, Any] | None = None):
         self.directory = Path(directory)
-        self.manifest = verify_module(self.directory)
+        # Everything below reads the manifest only after its schema check (emit.manifest.check_manifest), every
+        # file through read_module_file (no symlink, re-hashed), and every array after its header matched the
+        # manifest. ``_verified``: the manifest a ModuleSet has just verified with the whole set.
+        self.manifest = verify_module(self.directory) if _verified is None else _verified
         m = self.manifest
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,39 +69,34 @@ class SparvarModule:
         self._shape = {s["index"]: (s["tokens"], s["kv_len"]) for s in scales}
         # (tokens, kv_len) -> scale: the KV length grows with every scale, so the pair names one scale.
         self._by_lengths = {v: k for k, v in self._shape.items()}
-        depth = m["model"]["depth"]
-        self._ops: list[list[tuple[str, Any]]] = [[("sdpa", None)] * depth for _ in scales]
         if not self.fallback:
             self._check_target()
         self._kernels: dict[str, Any] = {}
         self._tables: dict[str, dict[str, torch.Tensor]] = {}
         self._masks: dict[str, torch.Tensor] = {}
         for name, k in m["kernels"].items():
-            with np.load(module_file(self.directory, m, k["layout"]), allow_pickle=False) as z:
-                arrays = {f[len("table_"):]: z[f] for f in z.files if f.startswith("table_")}
+            layout = _kernel_layout(self.directory, m, name, k)
+            arrays = _kernel_tables(read_module_file(self.directory, m, k["layout"]), name, k, layout)
             if self.fallback:
-                from ..planner.layout import BlockLayout
-
-                layout = BlockLayout.from_npz(module_file(self.directory, m, k["layout_file"]))
-                if layout.content_hash() != k["layout_hash"]:
-                    raise ModuleError(f"kernel {name}: layout does not match its recorded hash")
                 self._masks[name] = torch.from_numpy(layout.to_token_mask(exact=k["spec"]["token_exact"]))
             else:
                 from .cubin import LoadedKernel
 
-                binary = module_file(self.directory, m, k["binary"]).read_bytes()
-                compiled = CompiledKernel.from_meta(k["meta"], binary)
+                compiled = compiled_kernel(f"kernel {name}", k["meta"],
+                                           read_module_file(self.directory, m, k["binary"]))
                 self._kernels[name] = LoadedKernel.load(compiled, self.device)
-                self._tables[name] = {t: torch.from_numpy(a.copy()).to(self.device) for t, a in arrays.items()}
+                self._tables[name] = {t: torch.from_numpy(a).to(self.device) for t, a in arrays.items()}
+        # The schema holds exactly one dispatch row per (scale, layer), each op known and on a kernel of its scale.
+        self._ops: list[list[tuple[str, Any]]] = [[("sdpa", None)] * m["model"]["depth"] for _ in scales]
         for row in m["dispatch"]:
             self._ops[row["scale"]][row["layer"]] = (row["op"], row["kernel"])
-        self.op_key = _op.register(self)  # what torch.ops.sparvar.attention calls this module by
         self.cs4a = None
-        if m.get("cs4a"):
+        if m["cs4a"] is not None:
             from .cs4a import CS4ARuntime
 
             self.cs4a = CS4ARuntime(m["cs4a"], m["plan"], self.directory, self.device, self.fallback,
-                                    files=lambda rel: module_file(self.directory, m, rel))
+                                    read=lambda rel: read_module_file(self.directory, m, rel))
+        self.op_key = _op.register(self)  # what torch.ops.sparvar.attention calls this module by
 
     def _check_target(self) -> None:
         target = self.manifest["target"]
@@ -222,6 +232,139 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
                          set_priority=True):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def compiled_kernel(what: str, meta: dict[str, Any], binary: bytes) -> CompiledKernel:
+    """The :class:`CompiledKernel` of a checked manifest's record, any inconsistency a :class:`ModuleError`."""
+    try:
+        return CompiledKernel.from_meta(meta, binary)
+    except (KernelMetaError, ValueError) as e:
+        raise ModuleError(f"{what}: {e}") from None
+
+
+def read_npz(data: bytes, what: str, check: Callable[[str, np.dtype, tuple[int, ...]], None]
+             ) -> dict[str, np.ndarray]:
+    """The arrays of the npz file ``data`` (bytes already checked against the manifest's sha256): each member's
+    npy header is read (:func:`sparvar_compiler.arrays.read_npy_header`: numeric dtypes, sizes within the
+    limits, no pickle) and passed to ``check`` - which raises for one the manifest does not allow - before its
+    data is read. Raises :class:`ModuleError` naming ``what``."""
+    from ..arrays import read_npy_header
+
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+            if len(infos) > MAX_ARRAYS_PER_FILE:
+                raise ModuleError(f"{what}: {len(infos)} arrays, more than {MAX_ARRAYS_PER_FILE}")
+            for info in infos:
+                name = info.filename.removesuffix(".npy")
+                if name == info.filename or name in out or not name.isidentifier():
+                    raise ModuleError(f"{what}: member {info.filename!r} is not an array of the module")
+                with z.open(info) as f:
+                    shape, dtype, fortran, nbytes = read_npy_header(f, f"{what}: array {name}", ModuleError)
+                    if fortran:
+                        raise ModuleError(f"{what}: array {name} is stored column-major; the module's are not")
+                    check(name, dtype, shape)
+                    buf = bytearray(nbytes)
+                    got = 0
+                    while got < nbytes:
+                        more = f.readinto(memoryview(buf)[got:])
+                        if not more:
+                            break
+                        got += more
+                    if got != nbytes or f.read(1):
+                        raise ModuleError(f"{what}: array {name} does not hold the {nbytes} bytes its header "
+                                          "promises")
+                    out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except SparvarError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, ValueError, EOFError,
+            OSError) as e:
+        raise ModuleError(f"{what}: not a readable npz file ({' '.join(str(e).split())[:200]})") from None
+    return out
+
+
+def _expect(what: str, arrays: dict[str, tuple[np.dtype, tuple[int, ...] | None]]):
+    """A ``check`` for :func:`read_npz`: exactly ``arrays`` (name -> dtype, shape; None: any 1-D or 2-D shape
+    checked later)."""
+    def check(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if name not in arrays:
+            raise ModuleError(f"{what}: array {name} is not one the manifest lists")
+        want_dtype, want_shape = arrays[name]
+        if dtype != want_dtype or (want_shape is not None and shape != want_shape) or len(shape) > 3:
+            raise ModuleError(f"{what}: array {name} is {dtype} {shape}, the manifest needs {want_dtype} "
+                              f"{want_shape if want_shape is not None else '(any shape)'}")
+    return check
+
+
+def _kernel_layout(directory: Path, manifest: dict[str, Any], name: str, k: dict[str, Any]):
+    """The kernel's BlockLayout, its shape and content hash those the manifest records for the kernel."""
+    from ..planner.layout import BlockLayout
+
+    read_module_file(directory, manifest, k["layout_file"])  # regular, inside the module, as listed
+    try:
+        layout = BlockLayout.from_npz(module_file(directory, manifest, k["layout_file"]))
+    except (SparvarError, ValueError, OSError) as e:
+        raise ModuleError(f"kernel {name}: layout_file {k['layout_file']}: {e}") from None
+    spec = k["spec"]
+    got = (layout.q_len, layout.kv_len, layout.block_m, layout.block_n)
+    if got != (spec["q_len"], spec["kv_len"], spec["block_m"], spec["block_n"]):
+        raise ModuleError(f"kernel {name}: layout_file is {got[0]}x{got[1]} in {got[2]}x{got[3]} blocks, its spec "
+                          f"{spec['q_len']}x{spec['kv_len']} in {spec['block_m']}x{spec['block_n']} blocks")
+    if layout.content_hash() != k["layout_hash"]:
+        raise ModuleError(f"kernel {name}: layout does not match its recorded hash")
+    return layout
+
+
+def _kernel_tables(data: bytes, name: str, k: dict[str, Any], layout) -> dict[str, np.ndarray]:
+    """The kernel's launch tables (``table_<name>`` arrays of its ``layout`` npz), checked against its layout: a
+    kernel reads every entry (padding included), so each block index must be a block of the layout, each key
+    a key of the scale, each count within its row."""
+    what = f"kernel {name}: {k['layout']}"
+    qb, kb = layout.q_blocks, layout.kv_blocks
+    i32 = np.dtype(np.int32)
+    shapes: dict[str, tuple[np.dtype, tuple[int, ...] | None]] = {"layout_active": (np.dtype(bool), (qb, kb))}
+    for t in k["tables"]:
+        if t in ("kv_num", "full_num", "partial_num", "key_num"):
+            shapes[f"table_{t}"] = (i32, (qb,))
+        elif t in ("kv_idx", "full_idx", "partial_idx"):
+            shapes[f"table_{t}"] = (i32, (qb, kb))
+        elif t == "key_idx":
+            shapes[f"table_{t}"] = (i32, None)
+        elif t == "partial_offsets":
+            shapes[f"table_{t}"] = (i32, (qb + 1,))
+        elif t == "partial_masks":
+            masks = layout.partial_masks
+            want = masks.shape if masks is not None and masks.size else (1,)
+            shapes[f"table_{t}"] = (i32, tuple(want))
+        else:
+            raise ModuleError(f"kernel {name}: table {t} is not one the runtime knows")
+    arrays = read_npz(data, what, _expect(what, shapes))
+    missing = sorted(set(shapes) - set(arrays))
+    if missing:
+        raise ModuleError(f"{what}: has no array {missing[0]}")
+    tables = {n.removeprefix("table_"): a for n, a in arrays.items() if n.startswith("table_")}
+    which = {"kv": "active", "full": "full", "partial": "partial"}
+    for prefix, kind in which.items():
+        if f"{prefix}_idx" not in tables:
+            continue
+        num, idx = tables.get(f"{prefix}_num"), tables[f"{prefix}_idx"]
+        want_num, want_idx = layout.tables(kind)
+        if num is None or not np.array_equal(num, want_num) or idx.size and (idx.min() < 0 or idx.max() >= kb) or \
+                any(not np.array_equal(idx[r, :n], want_idx[r, :n]) for r, n in enumerate(want_num)):
+            raise ModuleError(f"{what}: tables {prefix}_num/{prefix}_idx are not those of the kernel's layout")
+    if "key_idx" in tables:
+        num, idx = tables.get("key_num"), tables["key_idx"]
+        if num is None or idx.ndim != 2 or idx.shape[0] != qb or not layout.kv_len <= idx.shape[1] <= \
+                layout.kv_len + 1024 or idx.min(initial=0) < 0 or idx.max(initial=0) >= layout.kv_len or \
+                num.min(initial=0) < 0 or num.max(initial=0) > idx.shape[1]:
+            raise ModuleError(f"{what}: tables key_num/key_idx are not within the scale's keys")
+    if "partial_offsets" in tables and not np.array_equal(tables["partial_offsets"], layout.partial_offsets):
+        raise ModuleError(f"{what}: table partial_offsets is not that of the kernel's layout")
+    if "partial_masks" in tables and layout.partial_masks is not None and layout.partial_masks.size and \
+            not np.array_equal(tables["partial_masks"], np.ascontiguousarray(layout.partial_masks).view(np.int32)):
+        raise ModuleError(f"{what}: table partial_masks is not that of the kernel's layout")
+    return tables
 
 
 def load(directory: str | Path, device: str | torch.device | None = None) -> SparvarModule:

@@ -34,16 +34,20 @@ class ModuleSet:
 
     def __init__(self, directory: str | Path, device: str | torch.device | None = None,
                  members: Iterable[str] | None = None):
-        from ..emit.moduleset import verify_module_set
+        from ..emit.manifest import verify_set
 
         self.directory = Path(directory)
-        self.manifest = verify_module_set(self.directory)
+        # The set's digest and schema, its tree, and every member (digest, schema, files) - checked once; the
+        # members then load from the manifests checked here.
+        verified: dict[str, dict] = {}
+        self.manifest = verify_set(self.directory, on_member=lambda name, m: verified.__setitem__(name, m))
         names = [m["name"] for m in self.manifest["members"]]
         wanted = names if members is None else list(members)
-        unknown = sorted(set(wanted) - set(names))
+        unknown = sorted(set(wanted) - set(names), key=str)
         if unknown:
             raise ModuleError(f"module set {self.directory} has no member {unknown[0]} (members: {', '.join(names)})")
-        self.members: dict[str, SparvarModule] = {n: SparvarModule(self.directory / n, device) for n in wanted}
+        self.members: dict[str, SparvarModule] = {
+            n: SparvarModule(self.directory / n, device, _verified=verified[n]) for n in wanted}
         self._grids = {m["name"]: tuple(tuple(g) for g in m["grids"]) for m in self.manifest["members"]
                        if m["name"] in self.members}
 
