@@ -23,6 +23,7 @@ from ..cs4a.select import BlockTables, TokenTables, block_tables, tables_to_data
 from ..errors import PlanConfigError
 from ..planner.gpus import GpuSpec
 from ..planner.plan import Mode, Plan
+from ..tuner.validate import usable_winner
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,16 @@ def cs4a_workloads(plan: Plan, batch: int, dtype: str, scale_kind: str):
 
 def choose_cs4a_kernels(plan: Plan, gpu: GpuSpec, db: Any | None, batch: int, dtype: str, scale_kind: str,
                         environment: dict | None = None) -> list[CS4AKernelChoice]:
-    """Per scale of :func:`cs4a_scales`, the database winner of its dynamic kernel, else the default config."""
+    """Per scale of :func:`cs4a_scales`, the best valid database record of its dynamic kernel, else the default
+    config; a record that fails validation is skipped with a warning and the next one used
+    (:func:`~sparvar_compiler.tuner.validate.usable_winner`)."""
     out = []
     for scale, spec, tables in cs4a_workloads(plan, batch, dtype, scale_kind):
-        win = db.winner(spec.to_dict(), gpu.to_dict(), environment) if db is not None else None
-        if win is not None:
-            out.append(CS4AKernelChoice(scale, spec, KernelConfig.from_dict(win.config), tables, True,
-                                        float(win.median_ms), f"database trial {win.id}"))
+        found = None if db is None else usable_winner(db, spec, gpu, environment)
+        if found is not None:
+            win, config = found
+            out.append(CS4AKernelChoice(scale, spec, config, tables, True, float(win.median_ms),
+                                        f"database trial {win.id}"))
         else:
             out.append(CS4AKernelChoice(scale, spec, tb.default_config(spec, gpu), tables, False, None,
                                         "default config (untuned)"))

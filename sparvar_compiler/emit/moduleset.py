@@ -12,15 +12,13 @@ lengths and layouts. A module set holds one ordinary runtime module per (resolut
 
 A member is loaded like any module (its manifest resolves pooled files, see
 :func:`~sparvar_compiler.emit.manifest.module_file`); :class:`sparvar_compiler.runtime.ModuleSet` loads all of
-them and picks a member by a scale's grid. The set is written to a temporary directory and renamed into place.
+them and picks a member by a scale's grid. The set is written to a staging directory and swapped into place
+(:mod:`.output`: an existing module or module set is replaced, any other directory only when forced).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +28,10 @@ from .. import __version__
 from ..planner import PlanConfig, make_plan
 from ..planner.gpus import GpuSpec
 from ..planner.models import ModelSpec
-from .emitter import DEFAULT_BATCH, _replace_dir, emit_module
-from .manifest import MANIFEST, SET_MANIFEST, SHARED_DIR, ModuleError, sha256_file
+from .emitter import DEFAULT_BATCH, write_module
+from .manifest import (MANIFEST, SHARED_DIR, ModuleError, read_set_manifest_checked, sha256_file, verify_set,
+                       write_manifest, write_set_manifest)
+from .output import staged_output
 
 SET_FORMAT = "sparvar-module-set"
 SET_FORMAT_VERSION = 1
@@ -47,10 +47,12 @@ def emit_module_set(model: ModelSpec | str, resolution: int | str | None, aspect
                     output: str | Path, config: PlanConfig | None = None, db: Any | None = None,
                     backends: tuple[str, ...] = ("triton",), block_sizes: tuple[int, ...] = (64, 128),
                     batch: int = DEFAULT_BATCH, environment: dict | None = None,
-                    progress: Callable[[str], None] = print, jobs: int | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] = print, jobs: int | None = None,
+                    force: bool = False) -> dict[str, Any]:
     """Emit a module for each of ``aspects`` (at ``resolution``) into one set directory ``output``; returns the
     set manifest. ``jobs`` members are emitted at a time (default: 1 where Triton compiles in this process,
-    i.e. on a GPU host, else up to 2: each compile is its own process)."""
+    i.e. on a GPU host, else up to 2: each compile is its own process). ``output`` is checked as
+    :func:`~.emitter.emit_module` checks it (``force`` replaces a directory that is not a module)."""
     if not aspects:
         raise ModuleError("a module set needs at least one aspect ratio")
     t0 = time.perf_counter()
@@ -59,19 +61,18 @@ def emit_module_set(model: ModelSpec | str, resolution: int | str | None, aspect
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ModuleError(f"aspect ratios name the same schedule twice: {dup}")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     if jobs is None:
         import torch
 
         jobs = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
-    try:
+    with staged_output(output, force=force) as staging:
+        tmp = staging.path
+
         def one(i: int) -> dict[str, Any]:
             plan = plans[i]
             tag = f"[{names[i]} {i + 1}/{len(plans)}] "
-            return emit_module(plan, gpu, tmp / names[i], db=db, backends=backends, block_sizes=block_sizes,
-                               batch=batch, environment=environment, progress=lambda line: progress(tag + line))
+            return write_module(plan, gpu, tmp / names[i], db=db, backends=backends, block_sizes=block_sizes,
+                                batch=batch, environment=environment, progress=lambda line: progress(tag + line))
 
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             manifests = list(pool.map(one, range(len(plans))))
@@ -87,11 +88,9 @@ def emit_module_set(model: ModelSpec | str, resolution: int | str | None, aspect
             "created_unix": int(time.time()), "model": first["model"], "target": first["target"],
             "batch": batch, "members": members, "shared": pool_files, "stats": stats,
         }
-        (tmp / SET_MANIFEST).write_text(json.dumps(set_manifest, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_set_manifest(tmp, set_manifest)
+    if staging.replaced is not None:
+        progress(f"replaced the {staging.replaced} that was at {staging.target}")
     progress(f"emitted module set {output}: {len(members)} members, {stats['kernels']} kernels "
              f"({stats['distinct_kernels']} distinct), {stats['bytes'] / 1e6:.1f} MB, "
              f"in {time.perf_counter() - t0:.1f} s")
@@ -129,66 +128,19 @@ def _pool_files(root: Path, names: list[str], manifests: list[dict[str, Any]]) -
                 d.rmdir()
         manifest["files"] = files
         manifest["shared_files"] = moved
-        (member / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        write_manifest(member, manifest)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())  # members and pool
     return pool, {"kernels": kernels, "distinct_kernels": distinct, "bytes": size}
 
 
 def read_set_manifest(directory: str | Path) -> dict[str, Any]:
-    """The set manifest of ``directory``, structurally checked (files are checked by :func:`verify_module_set`)."""
-    d = Path(directory)
-    path = d / SET_MANIFEST
-    if not path.is_file():
-        raise ModuleError(f"{d}: missing {SET_MANIFEST} (not a module set)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModuleError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != SET_FORMAT:
-        raise ModuleError(f"{path}: not a sparvar module set")
-    if data.get("format_version") != SET_FORMAT_VERSION:
-        raise ModuleError(f"{path}: module set format version {data.get('format_version')!r}, this sparvar reads "
-                          f"version {SET_FORMAT_VERSION}; emit it again with this sparvar-compile")
-    members = data.get("members")
-    if not isinstance(members, list) or not members:
-        raise ModuleError(f"{path}: 'members' must be a non-empty list")
-    seen = set()
-    for m in members:
-        name = m.get("name") if isinstance(m, dict) else None
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..", SHARED_DIR):
-            raise ModuleError(f"{path}: a member has an invalid name {name!r}")
-        if name in seen:
-            raise ModuleError(f"{path}: member {name} is listed twice")
-        seen.add(name)
-    if not isinstance(data.get("shared"), dict):
-        raise ModuleError(f"{path}: 'shared' must map pool file names to sha256")
-    return data
+    """The set manifest of ``directory`` after its digest and schema checks (files are checked by
+    :func:`verify_module_set`); :func:`~.manifest.read_set_manifest_checked`."""
+    return read_set_manifest_checked(directory)
 
 
 def verify_module_set(directory: str | Path, gpu: str | None = None) -> dict[str, Any]:
     """Check a module set without a GPU: its manifest, every member (as :func:`verify_module`, pooled files
-    included) and that each member's manifest is the one the set recorded. Returns the set manifest."""
-    from .manifest import verify_module
-
-    d = Path(directory)
-    data = read_set_manifest(d)
-    expected = {m["name"] for m in data["members"]} | {SHARED_DIR, SET_MANIFEST}
-    extra = sorted(p.name for p in d.iterdir() if p.name not in expected)
-    if extra:
-        raise ModuleError(f"{d}: {extra[0]} is not part of the module set")
-    pool = d / SHARED_DIR
-    listed = set(data["shared"])
-    present = {p.name for p in pool.iterdir()} if pool.is_dir() else set()
-    if present - listed:
-        raise ModuleError(f"shared file {sorted(present - listed)[0]} is not listed in {SET_MANIFEST}")
-    used: set[str] = set()
-    for m in data["members"]:
-        member = d / m["name"]
-        manifest = verify_module(member, gpu=gpu)
-        if sha256_file(member / MANIFEST) != m.get("manifest_sha256"):
-            raise ModuleError(f"member {m['name']}: its manifest.json is not the one the set recorded")
-        for rel, digest in (manifest.get("shared_files") or {}).items():
-            used.add(f"{digest}{Path(rel).suffix}")
-    if listed - used:
-        raise ModuleError(f"{SET_MANIFEST} lists shared files no member uses: {sorted(listed - used)[:3]}")
-    return data
+    included) and that each member's manifest is the one the set recorded. Returns the set manifest;
+    :func:`~.manifest.verify_set`."""
+    return verify_set(directory, gpu=gpu)
