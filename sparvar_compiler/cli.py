@@ -7,8 +7,13 @@
 Output contract, every verb: results go to stdout; progress and notes go to stderr (a progress bar when stderr
 is a terminal, plain lines otherwise). With ``--json`` stdout holds exactly one JSON document (no NaN or
 Infinity: a missing or infinite number is ``null``). Exit status: 0 success; 1 a check failed (``verify`` or
-``inspect`` of a bad module, a failed tuning worker); 2 a usage or input error (one line naming the problem);
-130 interrupted.
+``inspect`` of a bad module, a failed tuning worker); 2 a usage, input or environment error; 130 interrupted.
+
+Errors are one line on stderr naming the input and the problem, never a traceback: flags are checked while
+parsing (:mod:`sparvar_compiler.cli_args`), and :func:`main` maps what escapes a verb - our
+:class:`~sparvar_compiler.errors.SparvarError`, and at the input and output boundaries OS errors, decode errors
+(UTF-8, JSON, YAML, npz), database errors and ValueError/TypeError/KeyError/MemoryError/RecursionError - to
+that line. ``SPARVAR_DEBUG=1`` re-raises instead, with the traceback (a bug must stay visible).
 
 ``SPARVAR_DB`` is the database URL of every verb taking ``--db`` (the flag wins), so that a PostgreSQL password
 stays off the command line.
@@ -17,6 +22,7 @@ stays off the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,14 +34,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .cli_args import DB_ENV, add_plan_args, database_url, mask_url, plan_from_args
-from .errors import PlanConfigError, SparvarError
+from .cli_args import (DB_ENV, OneLineParser, add_plan_args, block_sizes, check_database_env, database_location,
+                       database_url, float_range, input_file, int_range, kernel_backends, mask_url,
+                       mask_urls, module_directory, one_line, output_directory, output_file,
+                       output_path_problem, plan_from_args)
+from .errors import OutputPathError, PlanConfigError, SparvarError
+from .limits import MAX_BATCH
 from .planner import (csla_layout, format_summary, get_gpu, get_model, list_gpus, list_models, plan_summary)
 from .planner.layout import check_block_size
 
 COMMANDS = ("compile", "plan", "tune", "verify", "inspect", "db", "models", "gpus", "doctor", "fidelity",
             "calibrate")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_ENV = "SPARVAR_DEBUG"  # 1: an error that escapes a verb is re-raised with its traceback
+DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the traceback)"
+DB_VERBS = ("compile", "tune", "db")  # the verbs that open $SPARVAR_DB
 # Dependencies by import name, and how to install each: an extra of ours, or the package (a missing one is an
 # environment problem reported in one line, not a traceback).
 EXTRAS = {"matplotlib": "plot", "psycopg": "postgres", "psycopg2": "postgres", "tvm": "tvm", "tvm_ffi": "tvm"}
@@ -60,8 +73,11 @@ environment:
 exit status:
   0    success
   1    a check failed: verify/inspect of a bad module (ModuleError), a failed tuning worker
-  2    usage or input error (unknown model or GPU, bad flag, missing file, missing dependency)
+  2    usage, input or environment error (unknown model or GPU, bad flag, missing or malformed file, an
+       output that cannot be written, an unreachable database, missing dependency): one line on stderr
   130  interrupted
+
+  Errors are one line; SPARVAR_DEBUG=1 shows the traceback instead.
 
 'sparvar-compile doctor' shows versions, the GPU, the database paths and what each feature is missing."""
 
@@ -171,15 +187,30 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------- databases
-def _open_db(url: str | None):
+def _open_db(url: str | None, readonly: bool = False):
     """The database a compile reads winners from, which ``db stats`` shows: ``--db URL`` alone, else
     :meth:`LayeredDatabase.open_default` - your database (``$SPARVAR_DB``, else the cache database) over the
-    shipped one."""
+    shipped one. ``readonly`` (no tuning will happen): nothing is created or written, so a read-only shipped or
+    cache database serves; a ``--db`` SQLite file that does not exist is None (no winners)."""
     from .db import LayeredDatabase, TuningDatabase
 
     if url:
-        return TuningDatabase.open(url)
-    return LayeredDatabase.open_default()
+        if readonly:
+            path = _sqlite_file(url)
+            if path is not None and not path.exists():
+                return None
+        return TuningDatabase.open(url, readonly=readonly)
+    return LayeredDatabase.open_default(readonly=readonly)
+
+
+def _sqlite_file(url: str | os.PathLike) -> Path | None:
+    """The file of a SQLite database path or ``sqlite:///`` URL; None for another database."""
+    text = os.fspath(url)
+    if "://" not in text:
+        return Path(text).expanduser()
+    if text.startswith("sqlite:///"):
+        return Path(text[len("sqlite:///"):]).expanduser()
+    return None
 
 
 def _write_db_url(args: argparse.Namespace) -> str:
@@ -189,9 +220,26 @@ def _write_db_url(args: argparse.Namespace) -> str:
     return args.db or default_database_url()
 
 
-def db_urls(db) -> list[str]:
-    """The (password-masked) URLs of a database's layers, first match first."""
+def db_urls(db, url: str | None = None) -> list[str]:
+    """The (password-masked) URLs of a database's layers, first match first; ``db`` None: the ``url`` named,
+    which does not exist."""
+    if db is None:
+        return [f"{mask_url(url)} (not there: no winners)"]
     return [mask_url(layer.url) for layer in getattr(db, "layers", (db,))]
+
+
+def _read_db_names(db, url: str | None, readonly: bool) -> list[str]:
+    """:func:`db_urls` of the database a compile reads, naming a user database that a read-only open left out
+    because it does not exist (so that a mistyped ``$SPARVAR_DB`` shows)."""
+    names = db_urls(db, url)
+    if db is not None and url is None and readonly:
+        from .db import default_database_url
+
+        user = default_database_url()
+        path = _sqlite_file(user)
+        if path is not None and not path.exists():
+            names.insert(0, f"{mask_url(user)} (not there: no winners)")
+    return names
 
 
 def _local_gpu_matches(gpu) -> bool:
@@ -480,10 +528,13 @@ def _aspects(args: argparse.Namespace) -> list[str] | None:
     return names
 
 
-def _check_batch(batch: int) -> int:
-    if batch < 1 or batch > 4096:
-        raise PlanConfigError(f"--batch must be in 1..4096 (the batch kernels are tuned at), got {batch}")
-    return batch
+def _check_module_output(out: Path, force: bool) -> None:
+    """Refuse, before anything is tuned or compiled, an output the emitter would refuse after (the default
+    ``out/...`` path too): :func:`~sparvar_compiler.emit.output.check_output` (a compiler never deletes what it
+    did not write; ``force`` replaces a directory that is not a module)."""
+    from .emit.output import check_output
+
+    check_output(out, force)
 
 
 def _compile_set(args: argparse.Namespace, aspects: list[str]) -> int:
@@ -495,31 +546,34 @@ def _compile_set(args: argparse.Namespace, aspects: list[str]) -> int:
     from .tuner.plan import tune_plan
 
     gpu = get_gpu(args.gpu)
-    batch = _check_batch(args.batch)
+    batch = args.batch
     plans = [plan_from_args(argparse.Namespace(**{**vars(args), "aspect": a})) for a in aspects]
-    backends = tuple(args.backend.split(","))
-    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    backends, blocks = args.backend, args.block_sizes
+    p0 = plans[0]
+    out = args.output or Path("out") / f"{p0.model}-{p0.resolution}-set{len(plans)}-{gpu.name}"
+    _check_module_output(out, args.force)
     present = _local_gpu_matches(gpu)
     if args.tune == "always" and not present:
         raise PlanConfigError(f"--tune always needs a local {gpu.name}; none is present")
-    db = _open_db(args.db)
+    tuning_here = args.tune == "always" or (args.tune == "auto" and present)
+    db = _open_db(args.db, readonly=not tuning_here)
+    databases = _read_db_names(db, args.db, readonly=not tuning_here)
     note(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); {len(plans)} aspect ratios; GPU present here: "
-         f"{'yes' if present else 'no'}; database: {' over '.join(db_urls(db))}")
+         f"{'yes' if present else 'no'}; database: {' over '.join(databases)}")
     t0 = time.perf_counter()
     tuning = []
     with Progress() as progress:
-        if args.tune == "always" or (args.tune == "auto" and present):
+        if tuning_here:
             for plan in plans:
                 tuning += tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
                                               only_missing=args.tune == "auto", batch=batch, progress=progress))
             progress.close()
-        p0 = plans[0]
-        out = args.output or Path("out") / f"{p0.model}-{p0.resolution}-set{len(plans)}-{gpu.name}"
         manifest = emit_module_set(get_model(args.model), p0.resolution, [p.aspect for p in plans], gpu, out,
                                    config=p0.config, db=db, backends=backends, block_sizes=blocks, batch=batch,
-                                   environment=collect_environment(probe_gpu=False), progress=progress)
+                                   environment=collect_environment(probe_gpu=False), progress=progress,
+                                   force=args.force)
     seconds = time.perf_counter() - t0
-    doc = {"module_set": str(out), "target": gpu.to_dict(), "gpu_present": present, "database": db_urls(db),
+    doc = {"module_set": str(out), "target": gpu.to_dict(), "gpu_present": present, "database": databases,
            "tuning": tuning or None, "seconds": round(seconds, 1), "batch": batch, "stats": manifest["stats"],
            "members": [{"name": m["name"], "aspect": m["aspect"], "resolution": m["resolution"],
                         "last_grid": m["grids"][-1]} for m in manifest["members"]]}
@@ -545,25 +599,27 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if aspects is not None:
         return _compile_set(args, aspects)
     gpu = get_gpu(args.gpu)
-    batch = _check_batch(args.batch)
+    batch = args.batch
     plan = plan_from_args(args)
-    backends = tuple(args.backend.split(","))
-    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    backends, blocks = args.backend, args.block_sizes
+    out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
+    _check_module_output(out, args.force)
     present = _local_gpu_matches(gpu)
     if args.tune == "always" and not present:
         raise PlanConfigError(f"--tune always needs a local {gpu.name}; none is present")
-    db = _open_db(args.db)
+    tuning_here = args.tune == "always" or (args.tune == "auto" and present)
+    db = _open_db(args.db, readonly=not tuning_here)
+    databases = _read_db_names(db, args.db, readonly=not tuning_here)
     note(f"target: {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); GPU present here: {'yes' if present else 'no'}; "
-         f"database: {' over '.join(db_urls(db))}")
+         f"database: {' over '.join(databases)}")
     tuning = None
     with Progress() as progress:
-        if args.tune == "always" or (args.tune == "auto" and present):
+        if tuning_here:
             tuning = tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s,
                                          only_missing=args.tune == "auto", batch=batch, progress=progress))
             progress.close()
             if not tuning:
                 note("every workload has a database winner for this GPU: nothing to tune")
-        out = args.output or Path("out") / f"{plan.model}-{plan.resolution}-{plan.aspect.replace(':', 'x')}-{gpu.name}"
         env = collect_environment(probe_gpu=False)
         import warnings
 
@@ -573,7 +629,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             # One line for all records measured under other patch versions, not one warning per kernel.
             warnings.simplefilter("always", SoftMismatchWarning)
             manifest = emit_module(plan, gpu, out, db=db, backends=backends, block_sizes=blocks, environment=env,
-                                   batch=batch, progress=progress)
+                                   batch=batch, progress=progress, force=args.force)
     soft = [w for w in caught if issubclass(w.category, SoftMismatchWarning)]
     for w in caught:
         if not issubclass(w.category, SoftMismatchWarning):
@@ -586,7 +642,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     summary = plan_summary(plan, 128, 128)
     if args.json:
         print_json({"module": str(out), "target": gpu.to_dict(), "gpu_present": present,
-                    "database": db_urls(db), "tuning": tuning, **doc, "plan": summary})
+                    "database": databases, "tuning": tuning, **doc, "plan": summary})
         return EXIT_OK
     if tuning:
         print(format_tune_table(tuning) + "\n")
@@ -597,50 +653,69 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _built_for(target: Any) -> str:
+    """``h100 (sm_90, 132 SMs)``: the GPU a module's manifest says it was built for."""
+    if not isinstance(target, dict):
+        return "an unknown GPU"
+    return f"{target.get('name')} ({target.get('arch')}, {target.get('sm_count')} SMs)"
+
+
+def _verify_failed(args: argparse.Namespace, directory: Path, error: str, target: Any = None) -> int:
+    if args.json:
+        print_json({"ok": False, "directory": str(directory), "error": error,
+                    "target": target.get("name") if isinstance(target, dict) else None})
+    note(f"sparvar-compile: verify failed: {one_line(error)}")
+    return EXIT_FAILED
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 and one ``ok`` line naming the GPU the module was built for; exit 1 for a bad module or one built
+    for another GPU than ``--gpu``."""
     from .emit.manifest import SET_MANIFEST, ModuleError, verify_module
 
     directory = _module_dir(args.directory)
+    gpu = get_gpu(args.gpu).name if args.gpu else None  # an unknown name is a usage error (2), before any check
     if (directory / SET_MANIFEST).is_file():
-        return _verify_set(args, directory)
+        return _verify_set(args, directory, gpu)
     try:
-        m = verify_module(directory, gpu=args.gpu)
+        m = verify_module(directory, gpu=gpu)
     except ModuleError as e:
-        if args.json:
-            print_json({"ok": False, "directory": str(directory), "error": str(e)})
-        note(f"sparvar-compile: verify failed: {e}")
-        return EXIT_FAILED
-    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": m["target"]["name"],
-           "arch": m["target"]["arch"], "kernels": len(m["kernels"]), "files": len(m["files"]),
-           "tuned": bool(m["tuned"]), "sparvar_version": m.get("sparvar_version")}
+        return _verify_failed(args, directory, str(e))
+    target = m["target"]
+    if gpu is not None and target.get("name") != gpu:  # the library checks too; a mismatch must never pass
+        return _verify_failed(args, directory, f"module was built for {_built_for(target)}, not {gpu}", target)
+    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": target["name"],
+           "arch": target["arch"], "sm_count": target.get("sm_count"), "kernels": len(m["kernels"]),
+           "files": len(m["files"]), "tuned": bool(m["tuned"]), "sparvar_version": m.get("sparvar_version")}
     if args.json:
         print_json(doc)
     else:
-        print(f"ok: {directory}: {doc['model']} for {doc['target']}, {doc['kernels']} kernels, {doc['files']} "
-              "files verified")
+        print(f"ok: {directory}: {doc['model']} built for {_built_for(target)}, {doc['kernels']} kernels, "
+              f"{doc['files']} files verified")
     return EXIT_OK
 
 
-def _verify_set(args: argparse.Namespace, directory: Path) -> int:
+def _verify_set(args: argparse.Namespace, directory: Path, gpu: str | None) -> int:
     from .emit.manifest import ModuleError
     from .emit.moduleset import verify_module_set
 
     try:
-        m = verify_module_set(directory, gpu=args.gpu)
+        m = verify_module_set(directory, gpu=gpu)
     except ModuleError as e:
-        if args.json:
-            print_json({"ok": False, "directory": str(directory), "error": str(e)})
-        note(f"sparvar-compile: verify failed: {e}")
-        return EXIT_FAILED
-    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": m["target"]["name"],
-           "arch": m["target"]["arch"], "members": [x["name"] for x in m["members"]],
+        return _verify_failed(args, directory, str(e))
+    target = m["target"]
+    if gpu is not None and target.get("name") != gpu:
+        return _verify_failed(args, directory, f"module set was built for {_built_for(target)}, not {gpu}", target)
+    doc = {"ok": True, "directory": str(directory), "model": m["model"]["name"], "target": target["name"],
+           "arch": target["arch"], "sm_count": target.get("sm_count"), "members": [x["name"] for x in m["members"]],
            "kernels": m["stats"]["kernels"], "distinct_kernels": m["stats"]["distinct_kernels"],
            "files": len(m["shared"]), "sparvar_version": m.get("sparvar_version")}
     if args.json:
         print_json(doc)
     else:
-        print(f"ok: {directory}: module set of {doc['model']} for {doc['target']}, {len(doc['members'])} members, "
-              f"{doc['kernels']} kernels ({doc['distinct_kernels']} distinct) verified")
+        print(f"ok: {directory}: module set of {doc['model']} built for {_built_for(target)}, "
+              f"{len(doc['members'])} members, {doc['kernels']} kernels ({doc['distinct_kernels']} distinct) "
+              "verified")
     return EXIT_OK
 
 
@@ -651,7 +726,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         m = verify_module(directory)
     except ModuleError as e:
-        note(f"sparvar-compile: inspect: the module is bad: {e}")
+        note(f"sparvar-compile: inspect: the module is bad: {one_line(e)}")
         return EXIT_FAILED
     p = m["plan"]
     doc = module_doc(m)
@@ -677,15 +752,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
     plan = plan_from_args(args)
-    backends = tuple(args.backend.split(","))
-    blocks = tuple(check_block_size(int(b), "--block-sizes") for b in args.block_sizes.split(","))
+    backends, blocks = args.backend, args.block_sizes
     if args.runner == "bundle":
         from .tuner.bundle import build_bundle
         from .tuner.plan import plan_tasks
 
         if not args.bundle:
             raise PlanConfigError("--runner bundle needs --bundle DIR")
-        tasks = plan_tasks(plan, backends, blocks, _check_batch(args.batch))
+        tasks = plan_tasks(plan, backends, blocks, args.batch)
         # The studies go where the results will be ingested, when that is named (else the replay makes them).
         with Progress() as progress:
             path = build_bundle(tasks, gpu, args.bundle, max_candidates=args.trials, progress=progress,
@@ -700,8 +774,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .db import TuningDatabase
     from .tuner.plan import tune_plan
 
-    if args.workers < 1:
-        raise PlanConfigError(f"--workers must be >= 1, got {args.workers}")
     url = database_url(args)
     if args.workers > 1:
         if not url:
@@ -716,7 +788,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         db = TuningDatabase.open(url)
         rows = tune_rows(tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, "parent",
-                                   ReplayRunner({}), mode="exhaustive", slot=(0, 1), batch=_check_batch(args.batch),
+                                   ReplayRunner({}), mode="exhaustive", slot=(0, 1), batch=args.batch,
                                    progress=lambda _: None))
         return _print_tune(args, gpu, db.url, rows)
     runner = None
@@ -725,17 +797,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         if not args.replay:
             raise PlanConfigError("--runner replay needs --replay FILE (results of a measured bundle)")
-        if not Path(args.replay).is_file():
-            raise PlanConfigError(f"--replay {args.replay} does not exist")
-        try:
-            data = json.loads(Path(args.replay).read_text())
-            measured_on = data.get("target", {}).get("name", gpu.name)
-            records = data["records"]
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError) as e:
-            raise PlanConfigError(f"--replay {args.replay} is not a results file ({type(e).__name__}: {e})") from None
-        if measured_on != gpu.name:
-            raise PlanConfigError(f"{args.replay} was measured on {measured_on}, not {gpu.name}")
-        runner = ReplayRunner.from_records(records)
+        runner = _replay_runner(args.replay, gpu)
     elif not _local_gpu_matches(gpu):
         raise PlanConfigError(f"tuning needs a local {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs); use "
                               "--runner bundle to build here and measure there")
@@ -745,8 +807,38 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     with Progress() as progress:
         results = tune_plan(plan, gpu, db, backends, blocks, args.trials, args.budget_s, args.worker, runner,
                             mode="exhaustive" if runner is not None else "tpe", slot=args.worker_slot,
-                            batch=_check_batch(args.batch), progress=progress)
+                            batch=args.batch, progress=progress)
     return _print_tune(args, gpu, db.url, tune_rows(results))
+
+
+def _replay_runner(path: Path, gpu):
+    """The replay runner of a measured bundle's results file (``--replay``); a file that is not one is an input
+    error naming it."""
+    from .db.bounded_json import JsonInputError, read_json
+    from .tuner.runners import ReplayRunner
+
+    bad = f"--replay {path} is not a results file of a measured bundle"
+    try:
+        data = read_json(path, what="a results file")  # bounded: size, depth, number lengths
+    except JsonInputError as e:
+        raise PlanConfigError(f"--replay {e}") from None
+    target = data.get("target") if isinstance(data, dict) else None
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(target, (dict, type(None))) or not isinstance(records, list):
+        raise PlanConfigError(f"{bad}: it needs a 'records' list (and a 'target' object)")
+    measured_on = (target or {}).get("name", gpu.name)
+    if measured_on != gpu.name:
+        raise PlanConfigError(f"{path} was measured on {measured_on}, not {gpu.name}")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("spec"), dict) and isinstance(r.get("config"), dict)
+                and isinstance(r.get("measurement"), dict)):
+            raise PlanConfigError(f"{bad}: record {i} needs 'spec', 'config' and 'measurement' objects")
+    try:
+        return ReplayRunner.from_records(records)
+    except SparvarError as e:
+        raise PlanConfigError(f"{bad}: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise PlanConfigError(f"{bad}: {type(e).__name__}: {one_line(e, 200)}") from None
 
 
 def _print_tune(args: argparse.Namespace, gpu, url: str, rows: list[dict[str, Any]]) -> int:
@@ -821,7 +913,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
         from .db.report import format_stats
 
         # One shape either way: a named database is a stack of one layer.
-        db = LayeredDatabase(TuningDatabase.open(args.db, readonly=True)) if args.db else _open_db(None)
+        db = LayeredDatabase(TuningDatabase.open(args.db, readonly=True)) if args.db else _open_db(None, True)
         try:
             stats = db.stats(collect_environment(probe_gpu=False))
         finally:
@@ -835,9 +927,24 @@ def _cmd_db(args: argparse.Namespace) -> int:
         raise PlanConfigError(f"db {args.action} needs a FILE")
     url = _write_db_url(args)
     if args.action == "export":
-        with TuningDatabase.open(url, readonly=True) as db:
+        problem = output_path_problem(args.file, directory=False)
+        if problem:
+            raise OutputPathError(f"db export: {problem}")
+        import tempfile
+
+        with contextlib.ExitStack() as stack:
+            cache = _sqlite_file(url) if not (args.db or os.environ.get(DB_ENV)) else None
+            if cache is not None and not cache.exists():
+                # The cache database is made by the first tune or import; until then it holds nothing, and
+                # exporting it is an empty export (written from a scratch database: nothing is created here).
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "empty.sqlite"
+                db = stack.enter_context(TuningDatabase.open(scratch))
+                where = f"{cache} (not there yet: nothing to export)"
+            else:
+                db = stack.enter_context(TuningDatabase.open(url, readonly=True))
+                where = mask_url(db.url)
             doc = export_json(db, args.file)
-            counts = {"file": str(args.file), "database": mask_url(db.url), "winners": len(doc.get("winners", [])),
+            counts = {"file": str(args.file), "database": where, "winners": len(doc.get("winners", [])),
                       "trials": len(doc.get("trials", [])), "targets": len(doc.get("targets", [])),
                       "workloads": len(doc.get("workloads", []))}
         if args.json:
@@ -847,7 +954,8 @@ def _cmd_db(args: argparse.Namespace) -> int:
                   f"to {args.file}")
         return EXIT_OK
     if not Path(args.file).is_file():
-        raise PlanConfigError(f"db import: {args.file} does not exist")
+        raise PlanConfigError(f"db import: {args.file} " + ("is not a file" if Path(args.file).exists() else
+                                                            "does not exist"))
     with TuningDatabase.open(url) as db:
         counts = {"file": str(args.file), "database": mask_url(db.url), **import_json(db, args.file)}
     if args.json:
@@ -1097,10 +1205,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="triton", help="comma-separated kernel backends (triton, tvm)")
-    p.add_argument("--block-sizes", default="64,128", help="layout block sizes the tuner may choose from")
-    p.add_argument("--trials", type=int, default=24, help="configs measured per workload")
-    p.add_argument("--budget-s", type=float, help="time budget per workload, seconds")
+    p.add_argument("--backend", type=kernel_backends, default=("triton",),
+                   help="comma-separated kernel backends (triton, tvm; default triton)")
+    p.add_argument("--block-sizes", type=block_sizes, default=(64, 128),
+                   help="layout block sizes the tuner may choose from (powers of two, 16..256; default 64,128)")
+    p.add_argument("--trials", type=int_range(1), default=24, help="configs measured per workload (>= 1)")
+    p.add_argument("--budget-s", type=float_range(0), help="time budget per workload, seconds (> 0)")
+
+
+_BATCH = int_range(1, MAX_BATCH)
 
 
 def _add_json(p: argparse.ArgumentParser, what: str = "the results") -> None:
@@ -1115,7 +1228,7 @@ _READ_DB = f"${DB_ENV} (else the cache database) over the shipped one"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sparvar-compile",
         description="Compile a VAR model's scale schedule into block-sparse attention kernels (SparVAR).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1125,12 +1238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="plan, generate, tune and emit a runtime module (the main job)")
     add_plan_args(p)
     p.add_argument("--gpu", required=True, help=f"target GPU ({', '.join(list_gpus())})")
-    p.add_argument("-o", "--output", type=Path, help="output directory of the runtime module")
-    p.add_argument("--db", help=_DB_HELP.format(default=_READ_DB))
+    p.add_argument("-o", "--output", type=module_directory,
+                   help="output directory of the runtime module (an existing one is replaced only if it is a "
+                        "sparvar module)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the -o directory even if it is not a sparvar module (everything in it is lost)")
+    p.add_argument("--db", type=database_location, help=_DB_HELP.format(default=_READ_DB))
     p.add_argument("--tune", choices=("auto", "never", "always"), default="auto",
-                   help="tune what the database lacks: auto = when the target GPU is present here")
-    p.add_argument("--batch", type=int, default=2,
-                   help="batch the kernels are tuned at (default 2: CFG of one image); any batch runs")
+                   help="tune what the database lacks: auto = when the target GPU is present here (no tuning: "
+                        "the databases are only read)")
+    p.add_argument("--batch", type=_BATCH, default=2,
+                   help=f"batch the kernels are tuned at (1..{MAX_BATCH}; default 2: CFG of one image); any "
+                        "batch runs")
     _add_kernel_args(p)
     _add_json(p, "the summary (module path, kernels, tuned flags, expected ms, tuning)")
     p.set_defaults(func=_cmd_compile)
@@ -1138,20 +1257,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="tune the plan's kernels on the local GPU into the tuning database")
     add_plan_args(p)
     p.add_argument("--gpu", required=True)
-    p.add_argument("--db", help=_DB_HELP.format(default=_USER_DB) + "; workers sharing one database share one "
-                                                                    "Optuna study per workload")
+    p.add_argument("--db", type=database_location,
+                   help=_DB_HELP.format(default=_USER_DB) + "; workers sharing one database share one Optuna "
+                                                            "study per workload")
     p.add_argument("--worker", help="a name for this worker in the records")
     p.add_argument("--worker-slot", type=_worker_slot, metavar="I/K",
                    help="this worker is number I of K sharing --db: it starts on workload I*n/K (--workers sets "
                         "it; without it a named worker starts at a hash of its name)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int_range(1, 1024), default=1,
                    help="run K worker processes sharing --db and its studies (local runner: worker i on GPU i)")
     p.add_argument("--runner", choices=("local", "bundle", "replay"), default="local",
                    help="local: measure on this GPU; bundle: compile candidates into --bundle DIR for a GPU host "
                         "without compilers; replay: ingest that host's --replay results into the database")
-    p.add_argument("--bundle", type=Path, help="bundle directory (--runner bundle)")
-    p.add_argument("--replay", type=Path, help="measured results file (--runner replay)")
-    p.add_argument("--batch", type=int, default=2, help="batch to tune at (default 2: CFG of one image)")
+    p.add_argument("--bundle", type=output_directory, help="bundle directory (--runner bundle)")
+    p.add_argument("--replay", type=input_file, help="measured results file (--runner replay)")
+    p.add_argument("--batch", type=_BATCH, default=2,
+                   help=f"batch to tune at (1..{MAX_BATCH}; default 2: CFG of one image)")
     _add_kernel_args(p)
     _add_json(p, "the winners table")
     p.set_defaults(func=_cmd_tune)
@@ -1163,7 +1284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("inspect", help="print a runtime module's summary")
     p.add_argument("directory", type=Path)
-    p.add_argument("--plot", type=Path, metavar="FILE.png",
+    p.add_argument("--plot", type=output_file, metavar="FILE.png",
                    help="draw the layer x scale dispatch map and per-scale expected ms against dense")
     _add_json(p, "the module's summary")
     p.set_defaults(func=_cmd_inspect)
@@ -1171,8 +1292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="tuning database: stats, export winners to JSON, import them")
     p.add_argument("action", choices=("stats", "export", "import"))
     p.add_argument("file", nargs="?", type=Path)
-    p.add_argument("--db", help=_DB_HELP.format(default=f"stats: {_READ_DB}, what compile reads; export/import: "
-                                                        + _USER_DB))
+    p.add_argument("--db", type=database_location,
+                   help=_DB_HELP.format(default=f"stats: {_READ_DB}, what compile reads; export/import: "
+                                                + _USER_DB))
     _add_json(p, "the statistics or counts")
     p.set_defaults(func=_cmd_db)
 
@@ -1182,10 +1304,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "module's default block)")
     p.add_argument("--block-n", type=int, help="key block (as --block-m)")
     _add_json(p, "the plan (instead of the table)")
-    p.add_argument("--export-layouts", type=Path, metavar="DIR",
+    p.add_argument("--export-layouts", type=output_directory, metavar="DIR",
                    help="write per CSLA scale scale<i>.npy (active blocks), scale<i>.blockmask.npz (FlexAttention "
                         "BlockMask) and scale<i>.bsr.npz (BSR, FlashInfer), and README.txt on loading them")
-    p.add_argument("--plot", type=Path, metavar="DIR",
+    p.add_argument("--plot", type=output_directory, metavar="DIR",
                    help="write scale<i>.png pictures of the layouts, key-scale boundaries drawn")
     p.set_defaults(func=_cmd_plan)
 
@@ -1214,31 +1336,193 @@ def _install_hint(e: ModuleNotFoundError) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- errors
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _inputs(args: argparse.Namespace | None) -> str:
+    """The files a verb reads, as ``--flag VALUE``: what a decode or value error without a file name is
+    about."""
+    if args is None:
+        return "the command line"
+    found = []
+    model = getattr(args, "model", None)
+    if model and (Path(model).suffix.lower() in (".yaml", ".yml", ".json") or os.sep in model):
+        found.append(f"--model {model}")
+    for attr, flag in (("plan_config", "--plan-config"), ("replay", "--replay"), ("captures", "--captures")):
+        if getattr(args, attr, None) is not None:
+            found.append(f"{flag} {getattr(args, attr)}")
+    if args.command == "db" and args.action == "import" and args.file is not None:
+        found.append(f"db import {args.file}")
+    if args.command in ("verify", "inspect"):
+        found.append(f"module {args.directory}")
+    return ", ".join(found) or f"{args.command}'s input"
+
+
+def _outputs(args: argparse.Namespace | None) -> str | None:
+    """The paths a verb writes, as ``--flag VALUE``: what an OS error without a file name is about."""
+    if args is None:
+        return None
+    found = [f"{flag} {getattr(args, attr)}" for attr, flag in
+             (("output", "-o"), ("bundle", "--bundle"), ("export_layouts", "--export-layouts"), ("plot", "--plot"))
+             if getattr(args, attr, None) is not None]
+    if args.command == "calibrate" and args.json is not None:
+        found.append(f"--json {args.json}")
+    if args.command == "db" and args.action == "export" and args.file is not None:
+        found.append(f"db export {args.file}")
+    return ", ".join(found) or None
+
+
+def _databases(args: argparse.Namespace | None) -> str:
+    """The database a verb opened, password masked: what a database error is about."""
+    if args is not None and args.command == "calibrate":
+        return f"the Optuna storage {mask_url(args.storage)}" if args.storage else "the Optuna study"
+    url = (getattr(args, "db", None) if args is not None else None) or os.environ.get(DB_ENV)
+    if url:
+        return f"the tuning database {mask_url(url)}"
+    user, shipped = _database_paths()
+    if args is not None and (args.command == "compile" or (args.command == "db" and args.action == "stats")):
+        return f"the tuning database {user} (or the shipped {shipped})"
+    return f"the tuning database {user}"
+
+
+def _is_database_error(e: BaseException) -> bool:
+    import sqlite3
+
+    if isinstance(e, sqlite3.Error):
+        return True
+    exc = sys.modules.get("sqlalchemy.exc")  # not imported: no SQLAlchemy error can have been raised
+    if exc is not None and isinstance(e, exc.SQLAlchemyError):
+        return True
+    optuna_exc = sys.modules.get("optuna.exceptions")
+    return optuna_exc is not None and isinstance(e, optuna_exc.StorageInternalError)
+
+
+def _database_message(e: BaseException) -> str:
+    """The driver's own words (SQLAlchemy wraps them with the SQL statement and a link: both dropped)."""
+    orig = getattr(e, "orig", None)
+    text = f"{type(orig).__name__}: {orig}" if orig is not None else f"{type(e).__name__}: {e}"
+    return text.split("[SQL:", 1)[0].split("(Background on this error", 1)[0]
+
+
+def _os_error(e: OSError, args: argparse.Namespace | None) -> str:
+    """``PATH: the OS's words``; without a path, the verb's outputs for an error only writing meets (a full
+    disk), else the verb."""
+    import errno
+
+    what = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None:
+        where = os.fsdecode(e.filename) if isinstance(e.filename, bytes) else str(e.filename)
+        if e.filename2 is not None:
+            where += f" -> {os.fsdecode(e.filename2) if isinstance(e.filename2, bytes) else e.filename2}"
+        return f"{where}: {what}"
+    outputs = _outputs(args)
+    if outputs and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return f"{what} (writing {outputs})"
+    return f"{args.command}: {what}" if args is not None else what
+
+
+def boundary_error(e: BaseException, args: argparse.Namespace | None) -> str | None:
+    """The one line of an error met where input is read or output written (the OS, a decoder, a database, a
+    value that does not fit), naming the input and the problem; None for anything else (a bug: shown whole)."""
+    import zipfile
+
+    if isinstance(e, OSError):
+        return _os_error(e, args)
+    if _is_database_error(e):
+        return f"{_databases(args)}: {_database_message(e)}"
+    yaml = sys.modules.get("yaml")
+    if isinstance(e, UnicodeDecodeError):
+        return f"{_inputs(args)}: not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{_inputs(args)}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if yaml is not None and isinstance(e, yaml.YAMLError):
+        return f"{_inputs(args)}: not valid YAML ({e})"
+    if isinstance(e, zipfile.BadZipFile):
+        return f"{_inputs(args)}: not a valid .npz (zip) file ({e})"
+    if isinstance(e, RecursionError):
+        return f"{_inputs(args)}: nested too deeply to read"
+    if isinstance(e, MemoryError):
+        return f"{_inputs(args)}: too large to read into memory"
+    if isinstance(e, (ValueError, TypeError, LookupError)):
+        return f"{_inputs(args)}: {type(e).__name__}: {e}"
+    return None
+
+
+def _sparvar_error(e: SparvarError, args: argparse.Namespace | None) -> str:
+    """Our own error's message; a database error that does not name its database gets it named."""
+    text = str(e)
+    schema = sys.modules.get("sparvar_compiler.db.schema")
+    if schema is not None and isinstance(e, schema.TuningDatabaseError) and args is not None:
+        url = getattr(args, "db", None) or os.environ.get(DB_ENV)
+        names = [str(url), mask_url(url)] if url else [str(p) for p in _database_paths()]
+        if not any(name in text for name in names):
+            text = f"{_databases(args)}: {text}"
+    return text
+
+
+def error_line(text: object) -> str:
+    """``sparvar-compile: error: TEXT`` on one line, any password in a URL masked."""
+    return f"sparvar-compile: error: {mask_urls(one_line(text))}"
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (``| head``): send the rest to /dev/null so the exit flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a captured stdout)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sparvar-compile ARGV``; returns the exit status (module docstring), never raises: an error is one
+    line on stderr (``SPARVAR_DEBUG=1``: raised, with its traceback), except a bug, which keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["compile", *argv]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = argv  # what a parent process re-runs in its workers (tune --workers)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+    args = None
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # a usage error (one line, 2), --help or --version (0)
+            return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+        args.argv = argv  # what a parent process re-runs in its workers (tune --workers)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command in DB_VERBS:
+            check_database_env()
         return int(args.func(args))
-    except SparvarError as e:
-        note(f"sparvar-compile: error: {e}")
-        return EXIT_USAGE
-    except ModuleNotFoundError as e:
-        hint = _install_hint(e)
-        if hint is None:
-            raise
-        note(f"sparvar-compile: error: this needs {e.name}, which is not installed: {hint} ('sparvar-compile "
-             "doctor' lists what each feature needs)")
-        return EXIT_USAGE
     except KeyboardInterrupt:
         note("sparvar-compile: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_FAILED
+    except SparvarError as e:
+        if _debug():
+            raise
+        note(error_line(_sparvar_error(e, args)))
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        if _debug():
+            raise
+        hint = _install_hint(e)
+        if hint is None:
+            note(error_line(f"this needs the Python module {e.name}, which is not installed {DEBUG_HINT}"))
+        else:
+            note(error_line(f"this needs {e.name}, which is not installed: {hint} ('sparvar-compile doctor' lists "
+                            "what each feature needs)"))
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the boundary: one line for input and environment errors
+        line = boundary_error(e, args)
+        if line is None or _debug():
+            raise
+        note(error_line(f"{line} {DEBUG_HINT}"))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -30,3 +30,8 @@ class PlanConfigError(SparvarError):
 
 class LayoutError(SparvarError):
     """A block layout that is malformed or does not fit the tensors it is used with."""
+
+
+class OutputPathError(SparvarError):
+    """An output path that cannot be written as asked: an existing file where a directory goes (or the reverse),
+    a directory that is not ours to replace, a read-only or missing parent folder."""

@@ -161,10 +161,17 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 
 @pytest.mark.parametrize("argv", [["verify"], ["models", "--bogus"], ["db", "frobnicate"], ["plan"]])
 def test_usage_errors_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert capsys.readouterr().out == ""
+    """argparse's errors too are one line (saying where the usage is), returned as 2."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("sparvar-compile") and ": error: " in captured.err
+    assert "--help' shows the usage" in captured.err
+
+
+def test_help_and_version_return_0(capsys):
+    assert main(["--version"]) == 0 and "sparvar-compiler" in capsys.readouterr().out
+    assert main(["compile", "--help"]) == 0 and "--force" in capsys.readouterr().out
 
 
 def test_no_command_prints_help_to_stderr_and_exits_2(capsys):
@@ -177,7 +184,8 @@ def test_help_documents_exit_codes_and_environment():
     from sparvar_compiler.cli import build_parser
 
     text = build_parser().format_help()
-    for needle in ("exit status", "1    a check failed", "2    usage or input error", "SPARVAR_DB", "--json"):
+    for needle in ("exit status", "1    a check failed", "2    usage, input or environment error", "SPARVAR_DB",
+                   "SPARVAR_DEBUG", "--json"):
         assert needle in text
 
 
@@ -292,7 +300,9 @@ def test_compile_json_with_progress_on_stderr_and_sparvar_db(compiled):
     assert {"module", "target", "gpu_present", "database", "tuning", "kernels", "cs4a", "dispatch", "tuned",
             "cs4a_tuned", "expected_ms", "plan"} <= set(doc)
     assert doc["module"] == str(d / "m") and doc["target"]["name"] == "h100" and doc["tuning"] is None
-    assert doc["database"][0] == str(db) and db.is_file()  # SPARVAR_DB (no --db), over the shipped database
+    # SPARVAR_DB (no --db), over the shipped database; no tuning here, so it is only read: the missing file is
+    # named and left uncreated.
+    assert doc["database"][0] == f"{db} (not there: no winners)" and not db.exists()
     assert [k["scale"] for k in doc["kernels"]] == [4, 5, 6] and doc["cs4a"] is None
     k = doc["kernels"][0]
     assert (k["backend"], k["kind"], k["tuned"], k["expected_ms"]) == ("triton", "block", False, None)
@@ -300,7 +310,7 @@ def test_compile_json_with_progress_on_stderr_and_sparvar_db(compiled):
     assert doc["tuned"] is False and doc["expected_ms"] == {"kernels_per_image": None, "complete": False}
     assert doc["dispatch"]["kernel"] == 3 * k["calls_per_image"]
     assert "[1/3] compiling scale4_triton_block" in proc.stderr and "target: h100" in proc.stderr
-    assert f"database: {db} over " in proc.stderr
+    assert f"database: {db} (not there: no winners) over " in proc.stderr
 
 
 def test_inspect_and_verify_json(compiled, tmp_path, capsys):
@@ -428,6 +438,14 @@ def test_db_stats_without_a_url_is_the_layered_view_compile_uses(tmp_path, monke
 
     monkeypatch.delenv("SPARVAR_DB", raising=False)
     monkeypatch.setenv("SPARVAR_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["db", "stats", "--json"]) == 0  # only read: a cache database that is not there is not made
+    stats = one_json(capsys.readouterr().out)
+    assert [layer["url"] for layer in stats["layers"]] == [str(shipped_database_path())]
+    assert main(["db", "export", str(tmp_path / "w.json"), "--json"]) == 0  # an empty export, nothing created
+    assert one_json(capsys.readouterr().out)["winners"] == 0
+    assert json.loads((tmp_path / "w.json").read_text())["winners"] == []
+    assert not (tmp_path / "cache").exists()
+    TuningDatabase.open(tmp_path / "cache" / "tuning.sqlite").close()
     assert main(["db", "stats", "--json"]) == 0
     stats = one_json(capsys.readouterr().out)
     assert [layer["url"] for layer in stats["layers"]] == [str(tmp_path / "cache" / "tuning.sqlite"),

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from ..cli_args import mask_url
 from ..errors import SparvarError
 from ..planner.config import PlanConfig
 from ..planner.csla import csla_layout
@@ -370,8 +371,8 @@ def _open_calibration_study(storage: str | None, name: str | None, sampler, base
     for t in study.get_trials(deepcopy=False):
         differ = sorted(k for k, d in t.distributions.items() if k in ours and d != ours[k])
         if differ:
-            raise SparvarError(f"the Optuna study {name!r} in {storage} was searched over other values of "
-                               f"{', '.join(differ)}; give this search another study name")
+            raise SparvarError(f"the Optuna study {name!r} in {mask_url(storage)} was searched over other values "
+                               f"of {', '.join(differ)}; give this search another study name")
     for k, v in attrs.items():
         if study.user_attrs.get(k) != v:
             study.set_user_attr(k, v)
@@ -396,6 +397,11 @@ def calibrate(source: AttentionSource, base_plan: Plan, floor: Floor = Floor(), 
     """
     import optuna
 
+    for name, value, low in (("trials", trials, 1), ("max_verify", max_verify, 1), ("query_sample", query_sample, 0),
+                             ("search_layers", search_layers, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            # trials 0 would report that no candidate met the floor when none was tried
+            raise SparvarError(f"calibrate: {name} must be an integer >= {low}, got {value!r}")
     t0 = time.perf_counter()
     space = space or SearchSpace.default(base_plan)
     base = base_plan.config

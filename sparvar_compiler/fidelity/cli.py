@@ -16,25 +16,52 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_args import add_plan_args, mask_url, plan_from_args
-from ..errors import SparvarError
+from ..cli_args import (add_plan_args, block_sizes, database_location, float_range, int_range, mask_url,
+                        output_directory, output_file, plan_from_args)
+from ..limits import MAX_BATCH, MAX_HEADS
 from .modes import ALL_MODES, DEFAULT_MODES
 
 SYNTHETIC_LAYERS = 8  # default layers evaluated from a synthetic model (evenly spaced, plus the bound layer)
+MAX_LIST = 4096  # entries of a --layers/--scales list (far above any model's layers or scales)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    """``0,3,5``: non-negative integers (layer or scale indices; the plan checks their range), repeats
+    dropped."""
     try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("names no value")
+    if len(values) > MAX_LIST or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"needs at most {MAX_LIST} integers >= 0, got {len(values)} "
+                                         f"(smallest {min(values)})")
+    return tuple(dict.fromkeys(values))
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def _fractions(text: str) -> tuple[float, ...]:
+    """``.1,.2``: numbers in (0, 1] (CS4A top-k fractions), repeats dropped."""
     try:
-        return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("names no value")
+    bad = [v for v in values if not 0 < v <= 1]  # NaN fails it too
+    if bad or len(values) > MAX_LIST:
+        raise argparse.ArgumentTypeError(f"needs fractions in (0, 1], got {bad[0] if bad else len(values)}")
+    return tuple(dict.fromkeys(values))
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    """``csla_block,sparvar``: known plan modes, repeats dropped."""
+    modes = tuple(dict.fromkeys(m for m in text.replace(" ", "").split(",") if m))
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode {unknown[0][:40]!r}; known: {', '.join(ALL_MODES)}"
+                                         if unknown else "names no mode")
+    return modes
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -46,10 +73,11 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--synthetic", choices=sorted(PRESETS), metavar="PRESET",
                      help=f"synthetic VAR-like regime ({', '.join(sorted(PRESETS))}); figures describe the regime, "
                           "not image quality")
-    p.add_argument("--heads", type=int, default=2, help="synthetic: heads per layer (default 2)")
-    p.add_argument("--batch", type=int, default=1, help="synthetic: batch (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, row sampling and random layouts")
-    p.add_argument("--query-sample", type=int, help="at most this many query rows per scale (0 = all)")
+    p.add_argument("--heads", type=int_range(1, MAX_HEADS), default=2, help="synthetic: heads per layer (default 2)")
+    p.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1, help="synthetic: batch (default 1)")
+    p.add_argument("--seed", type=int_range(0, 2 ** 63 - 1), default=0,
+                   help="seed of the synthetic data, row sampling and random layouts (>= 0)")
+    p.add_argument("--query-sample", type=int_range(0), help="at most this many query rows per scale (0 = all)")
 
 
 def _source(args: argparse.Namespace, plan, all_layers: bool):
@@ -86,14 +114,12 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     if args.layers and args.synthetic:
         source.layers = tuple(args.layers)  # type: ignore[misc]
     layers = args.layers or source.layers
-    modes = tuple(args.modes.split(",")) if args.modes else DEFAULT_MODES
-    unknown = [m for m in modes if m not in ALL_MODES]
-    if unknown:
-        raise SparvarError(f"--modes: unknown mode {unknown[0]!r}; known: {', '.join(ALL_MODES)}")
+    modes = args.modes or DEFAULT_MODES
     options = EvalOptions(block=args.block, query_sample=512 if args.query_sample is None else args.query_sample,
                           modes=modes, scales=args.scales, layers=tuple(layers), seed=args.seed)
     name = args.synthetic or Path(args.captures).name
     out = args.output or Path(f"fidelity-{plan.model}-{name}")
+    _check_output(out, directory=True)
     what = f"synthetic {args.synthetic}" if args.synthetic else f"captures {args.captures}"
     print(f"fidelity: {plan.model} {plan.resolution} {plan.aspect}, {what}; layers {list(layers)}", file=sys.stderr)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -112,6 +138,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import Floor, SearchSpace, calibrate
 
     plan = plan_from_args(args)
+    out = args.output or Path(f"calibrated-{plan.model}.yaml")
+    _check_output(out, directory=False)
     source = _source(args, plan, all_layers=True)
     floor = Floor(args.min_mass, args.max_error, args.aggregate)
     space = SearchSpace.default(plan)
@@ -127,7 +155,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     res = calibrate(source, plan, floor, trials=args.trials, search_layers=args.search_layers,
                     query_sample=128 if args.query_sample is None else args.query_sample, space=space,
                     seed=args.seed, max_verify=args.max_verify, layers=args.layers, progress=progress, **kept)
-    out = args.output or Path(f"calibrated-{plan.model}.yaml")
     res.write_yaml(out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +164,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out}" + (f" and {args.json}" if args.json else "") + f" in {res.seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_output(path: Path, directory: bool) -> None:
+    """A default output path is checked as ``-o`` is while parsing: before minutes of work."""
+    from ..cli_args import output_path_problem
+    from ..errors import OutputPathError
+
+    problem = output_path_problem(path, directory)
+    if problem:
+        raise OutputPathError(problem)
 
 
 def calibration_study_name(plan, args: argparse.Namespace) -> str:
@@ -159,30 +196,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                     f"{SYNTHETIC_LAYERS} evenly spaced plus the bound)")
     p.add_argument("--scales", type=_int_list, help="query scales (default: the decision scale to the last)")
     p.add_argument("--block", type=int, default=128, choices=(64, 128), help="layout block side (default 128)")
-    p.add_argument("--modes", help=f"comma-separated modes (default {','.join(DEFAULT_MODES)}; all: "
+    p.add_argument("--modes", type=_modes, help=f"comma-separated modes (default {','.join(DEFAULT_MODES)}; all: "
                                    f"{','.join(ALL_MODES)})")
-    p.add_argument("-o", "--output", type=Path, metavar="DIR", help="writes fidelity.json and fidelity.png here")
+    p.add_argument("-o", "--output", type=output_directory, metavar="DIR",
+                   help="writes fidelity.json and fidelity.png here")
     p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("calibrate", help="recommend the cheapest plan config meeting a fidelity floor (Optuna)")
     add_plan_args(p)
     _add_source_args(p)
     p.add_argument("--layers", type=_int_list, help="layers to use (default: all captured; synthetic: all)")
-    p.add_argument("--min-mass", type=float, default=0.9, help="captured-mass floor (default 0.9)")
-    p.add_argument("--max-error", type=float, help="relative L2 output error ceiling (off by default)")
+    p.add_argument("--min-mass", type=float_range(0, 1), default=0.9, help="captured-mass floor, in (0, 1] "
+                                                                          "(default 0.9)")
+    p.add_argument("--max-error", type=float_range(0), help="relative L2 output error ceiling, > 0 (off by "
+                                                            "default)")
     p.add_argument("--aggregate", choices=("min", "mean"), default="min",
                    help="floor on the worst (scale, layer) (default) or on the mean")
-    p.add_argument("--trials", type=int, default=40, help="Optuna trials (default 40)")
-    p.add_argument("--search-layers", type=int, default=0, help="at most this many (evenly spaced) layers for the "
-                                                                "search (default 0 = all); verification reads all")
-    p.add_argument("--max-verify", type=int, default=3, help="candidates verified on all layers before falling "
-                                                             "back to the dense plan")
+    p.add_argument("--trials", type=int_range(1, 100_000), default=40, help="Optuna trials (>= 1; default 40)")
+    p.add_argument("--search-layers", type=int_range(0), default=0,
+                   help="at most this many (evenly spaced) layers for the search (default 0 = all); verification "
+                        "reads all")
+    p.add_argument("--max-verify", type=int_range(1), default=3,
+                   help="candidates verified on all layers before falling back to the dense plan (>= 1)")
     p.add_argument("--decision-scales", type=_int_list, help="decision scales to search (default n-5..n-2)")
-    p.add_argument("--blocks", type=_int_list, help="block sizes to search (default 64,128)")
-    p.add_argument("--topk-fractions", type=_float_list, help="CS4A top-k fractions (default .1,.15,.2,.3,.4)")
-    p.add_argument("-o", "--output", type=Path, help="plan-config YAML (default calibrated-<model>.yaml)")
-    p.add_argument("--json", type=Path, help="also write every trial and the verification as JSON")
-    p.add_argument("--storage", metavar="URL",
+    p.add_argument("--blocks", type=block_sizes, help="block sizes to search (default 64,128)")
+    p.add_argument("--topk-fractions", type=_fractions, help="CS4A top-k fractions (default .1,.15,.2,.3,.4)")
+    p.add_argument("-o", "--output", type=output_file, help="plan-config YAML (default calibrated-<model>.yaml)")
+    p.add_argument("--json", type=output_file, help="also write every trial and the verification as JSON")
+    p.add_argument("--storage", metavar="URL", type=database_location,
                    help="keep the Optuna study in this database (a SQLAlchemy URL such as sqlite:///cal.sqlite or "
                         "a PostgreSQL URL, or a file path): 'optuna-dashboard URL' shows every trial, and a rerun "
                         "with the same study continues it")

@@ -60,6 +60,14 @@ class EvalOptions:
     seed: int = 0
     errors: bool = True
 
+    def __post_init__(self) -> None:
+        # A negative sample once meant "all rows" by accident; the block must be a layout block side.
+        sample = self.query_sample
+        if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 0:
+            raise SparvarError(f"query_sample must be an integer >= 0 (0 = all rows), got {self.query_sample!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, (int, np.integer)) or self.block < 1:
+            raise SparvarError(f"block must be a positive integer, got {self.block!r}")
+
 
 @dataclass
 class Record:
