@@ -142,3 +142,22 @@ def test_scale_ind_reaches_self_attention_in_the_fused_branch_only(fused_norm):
     generate(m, SQUARE[:3], 1)
     want = [si for si in range(3) for _ in range(m.depth)] if fused_norm else ["absent"] * (3 * m.depth)
     assert got == want
+
+
+def test_self_attention_calls_sdpa_under_the_name_bound_at_import(monkeypatch):
+    """Like Infinity's basic.py, the stand-in binds SDPA once at import as ``slow_attn``: replacing
+    ``torch.nn.functional.scaled_dot_product_attention`` afterwards reaches only the cross-attention calls (which
+    look it up at call time), never self-attention - why ``capture_sdpa`` records nothing on Infinity."""
+    import torch.nn.functional as F
+
+    original, seen = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert inf.slow_attn is original
+    generate(model(), SQUARE[:3], 1)
+    # Cross-attention only: every call's keys are the packed text of both CFG halves.
+    assert len(seen) == 3 * 4 and all(kv_len == 2 * TEXT_LEN for _, kv_len in seen)

@@ -9,16 +9,35 @@ Format (written by :class:`sparvar_compiler.fidelity.hooks.CaptureWriter`)::
       "format": "sparvar-captures", "version": 1,
       "model": "infinity-2b", "resolution": 1024, "aspect": "1:1",
       "softmax_scale": 1.0,                  # the scale the model's attention used (Infinity: 1.0)
-      "heads": [0, 5],                       # optional: which model heads the files hold (all if absent)
+      "softmax_scale_source": "model",       # optional: how the writer knew it ("explicit", "family default",
+                                             # "model": read from the model's attention call)
+      "heads": [0, 5],                       # optional: which model heads the files hold, in order (all if absent)
       "note": "free text",                   # optional (e.g. "synthetic preset mixed")
       "entries": [{"scale": 10, "layer": 3, "file": "s10_l003.safetensors"}, ...]
     }
+
+Softmax scale: the figures depend on it (a CSLA mode on local heads keeps 0.968 of the mass at Infinity's 1.0 and
+0.305 at ``1/sqrt(D)``), so it is never guessed silently. An index without one (written before the writer always
+stored it) takes the model family's default (:func:`default_softmax_scale`), and
+:attr:`CaptureSet.softmax_scale_source` says so; a custom model has no default, so its index must give one. A stored
+scale that disagrees with the family's default is refused unless the caller forces it
+(``CaptureSet.open(..., force_scale=True)``): one of the two is wrong, and the reader cannot know which.
+
+Heads: the writer always lists them (``"heads"``). An older index without the list holds all of the model's heads if
+the files have that many; files with fewer heads and no list are taken as heads ``0..H-1``, and
+:meth:`CaptureSet.heads_text` says so.
 
 ``q`` holds the queries of that scale (``N = tokens(scale)``). ``k`` and ``v`` hold either the keys/values of that
 scale only (``N = tokens(scale)``; the loader then concatenates scales ``0..scale`` of the same layer, which must
 all be captured) or the whole cache the scale attends to (``N = kv_len(scale)``). B (batch; 2 with
 classifier-free guidance), H and D must agree across files, D must be the model's head dim. Dtypes: float16,
-bfloat16 (safetensors), float32, float64; every value finite.
+bfloat16 (safetensors: the writer keeps bf16 as bf16), float32, float64; every value finite. :meth:`CaptureSet.qkv`
+returns numpy arrays (bf16 widened exactly to float32: numpy has no bfloat16), :meth:`CaptureSet.qkv_torch` torch
+tensors in the stored dtype or the one asked for.
+
+Compatibility: every index written before these additions reads as it did, except that a missing
+``softmax_scale`` now means the family's default (it meant ``1/sqrt(D)``, wrong for Infinity) and is refused for
+a custom model. An index written now is read by older readers too (the additions are optional keys).
 
 Pickle-based files (``.pt``, ``.pth``, ``.pkl``, ``.pickle``, ``.bin``, ``.ckpt``) and ``.npz`` files holding object
 arrays are refused: loading them can run code. Every problem raises :class:`CaptureError` naming the file.
@@ -26,6 +45,7 @@ arrays are refused: loading them can run code. Every problem raises :class:`Capt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,7 +57,7 @@ from ..arrays import bounded_json
 from ..errors import SparvarError
 from ..planner.models import ModelSpec, get_model
 from ..planner.schedules import Schedule
-from .tensorfile import PICKLE_SUFFIXES, TENSOR_SUFFIXES, TensorFileError, read_tensor_headers, read_tensors
+from .tensorfile import PICKLE_SUFFIXES, TENSOR_SUFFIXES, TensorFileError, read_tensor_headers, read_tensors_torch
 
 INDEX_NAME = "captures.json"
 FORMAT_NAME = "sparvar-captures"
@@ -54,6 +74,41 @@ def entry_name(scale: int, layer: int, suffix: str = ".safetensors") -> str:
     return f"s{scale:02d}_l{layer:03d}{suffix}"
 
 
+def default_softmax_scale(model: ModelSpec) -> float | None:
+    """The softmax scale a model family's attention uses, or None where the family has none.
+
+    * ``infinity``: 1.0 (Infinity L2-normalises q and k, multiplies q by a learned per-head scale and calls
+      attention with ``scale=1``).
+    * ``var``: ``1/sqrt(head_dim)``, the scale the planner and emitter assume for this family. FoundationVision's
+      released VAR checkpoints are built with ``attn_l2_norm=True`` and use 1 (``0.25/sqrt(head_dim)`` without
+      it): captures of those models must state their scale and be opened with ``force_scale=True``.
+    * ``custom``: none; the capture must state it.
+    """
+    if model.family == "infinity":
+        return 1.0
+    if model.family == "var":
+        return 1.0 / math.sqrt(model.head_dim)
+    return None
+
+
+def same_scale(a: float, b: float) -> bool:
+    """Two softmax scales are the same one (a float32 round trip of either still is)."""
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
+
+
+def heads_text(head_ids: Iterable[int] | None, model_heads: int, stored: int | None = None) -> str:
+    """``"4 of 28: [0, 7, 14, 21]"`` / ``"all 28"``; ``head_ids`` None: the index names none, so ``stored``
+    heads (if known) are taken as ``0..stored-1``."""
+    if head_ids is not None:
+        ids = list(head_ids)
+        if ids == list(range(model_heads)):
+            return f"all {model_heads}"
+        return f"{len(ids)} of {model_heads}: {ids}"
+    if stored is None or stored == model_heads:
+        return f"all {model_heads}"
+    return f"{stored} of {model_heads}: {list(range(stored))} (the index names none: taken as heads 0..{stored - 1})"
+
+
 @dataclass
 class CaptureSet:
     """An opened capture directory (index validated; tensors loaded and validated on first use).
@@ -63,11 +118,17 @@ class CaptureSet:
     directory, model, schedule:
         Where the captures are, and the model and schedule they belong to.
     softmax_scale:
-        The softmax scale the model used (``1/sqrt(D)`` if the index gives none).
+        The softmax scale every figure is computed at: the index's, or the model family's default where the index
+        gives none (see the module docstring).
+    softmax_scale_source:
+        Where it came from: ``"index"`` or ``"family default"``.
+    softmax_scale_forced:
+        True when the index's scale disagrees with the family's default and the set was opened with
+        ``force_scale=True``.
     files:
         ``(scale, layer) -> path`` of every capture.
     head_ids:
-        The model's head numbers the tensors hold, in order.
+        The model's head numbers the tensors hold, in order (None: the index names none; see :meth:`heads_text`).
     note:
         Free text from the index.
     """
@@ -79,21 +140,26 @@ class CaptureSet:
     files: dict[tuple[int, int], Path]
     head_ids: tuple[int, ...] | None = None
     note: str = ""
+    softmax_scale_source: str = "index"
+    softmax_scale_forced: bool = False
     _shape: tuple[int, int, int] | None = field(default=None, repr=False)  # (B, H, D) once a file is read
-    _own: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _own: dict[tuple[int, int], tuple[Any, Any, Any]] = field(default_factory=dict, repr=False)  # torch, as stored
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, directory: str | Path, model: ModelSpec | str | None = None) -> "CaptureSet":
+    def open(cls, directory: str | Path, model: ModelSpec | str | None = None,
+             force_scale: bool = False) -> "CaptureSet":
         """Open and validate the index of a capture directory.
 
-        ``model`` (a spec or registry name), if given, must match the index's model.
+        ``model`` (a spec or registry name), if given, must match the index's model. ``force_scale``: accept a
+        stored softmax scale that disagrees with the model family's default (:func:`default_softmax_scale`).
 
         Raises
         ------
         CaptureError
-            Missing or malformed index, unknown model or schedule, entries out of range, duplicates, missing or
-            pickle-based files.
+            Missing or malformed index, unknown model or schedule, a missing softmax scale where the family has no
+            default, a stored one that disagrees with the family's (unless forced), entries out of range,
+            duplicates, missing or pickle-based files.
         """
         d = Path(directory)
         if not d.is_dir():
@@ -122,19 +188,18 @@ class CaptureSet:
             schedule = spec.schedule(data.get("resolution"), data.get("aspect"))
         except SparvarError as e:
             raise CaptureError(f"{index}: {e}") from None
-        scale = data.get("softmax_scale")
-        if scale is None:
-            scale = 1.0 / np.sqrt(spec.head_dim)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
-            raise CaptureError(f"{index}: softmax_scale must be a positive number, got {scale!r}")
+        scale, source, forced = _index_scale(data, spec, index, force_scale)
         heads = data.get("heads")
         if heads is not None:
             if (not isinstance(heads, list) or not heads
-                    or not all(isinstance(h, int) and 0 <= h < spec.heads for h in heads)):
+                    or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < spec.heads
+                               for h in heads)):
                 raise CaptureError(f"{index}: heads must be a list of head numbers in 0..{spec.heads - 1}")
+            if len(set(heads)) != len(heads):
+                raise CaptureError(f"{index}: heads {heads} name a head twice")
             heads = tuple(heads)
         files = _index_entries(data, d, index, schedule, spec)
-        return cls(d, spec, schedule, float(scale), files, heads, str(data.get("note", "")))
+        return cls(d, spec, schedule, scale, files, heads, str(data.get("note", "")), source, forced)
 
     # ------------------------------------------------------------------ contents
     @property
@@ -154,6 +219,16 @@ class CaptureSet:
                         f"{self.directory}: scale {s} of layer {layer} is missing (layer {layer} has scales "
                         f"{_ranges(have) or 'none'}); the evaluation needs scales {_ranges(sorted(set(scales)))}")
 
+    def check_plan(self, plan: Any) -> None:
+        """Refuse a plan of another schedule than the captures' (the figures would pair the plan's scales with
+        other scales' tokens): name both and the flags that pick the captures' schedule."""
+        grids = tuple(tuple(g) for g in plan.grids)
+        if grids != tuple(tuple(g) for g in self.schedule.grids) or plan.model != self.model.name:
+            raise CaptureError(
+                f"{self.directory}: the captures are of {self.model.name} at {self.schedule.resolution} px "
+                f"{self.schedule.aspect}, the plan is of {plan.model} at {plan.resolution} px {plan.aspect}: pass "
+                f"--resolution {self.schedule.resolution} --aspect {self.schedule.aspect}")
+
     def shape(self) -> tuple[int, int, int]:
         """``(B, H, D)`` of the captures (reads one file if none was read yet)."""
         if self._shape is None:
@@ -162,9 +237,39 @@ class CaptureSet:
         assert self._shape is not None
         return self._shape
 
+    def stored_heads(self) -> int:
+        """H of the files, from one file's header (no tensor is read)."""
+        if self._shape is not None:
+            return self._shape[1]
+        path = self.files[min(self.files)]
+        try:
+            q = read_tensor_headers(path).get("q")
+        except TensorFileError as e:
+            raise CaptureError(str(e)) from None
+        if q is None or len(q.shape) != 4:
+            raise CaptureError(f"{path}: tensor 'q' is missing or not [B, H, N, D]")
+        return q.shape[1]
+
+    def heads_text(self) -> str:
+        """Which heads the captures hold, for a report: ``"4 of 28: [0, 7, 14, 21]"`` or ``"all 28"``."""
+        stored = None if self.head_ids is not None else self.stored_heads()
+        return heads_text(self.head_ids, self.model.heads, stored)
+
     # ------------------------------------------------------------------ tensors
     def qkv(self, scale: int, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``q [B, H, tokens(scale), D]`` and the whole cache ``k, v [B, H, kv_len(scale), D]`` of one scale."""
+        """``q [B, H, tokens(scale), D]`` and the whole cache ``k, v [B, H, kv_len(scale), D]`` of one scale, as
+        numpy arrays (bf16 captures widened exactly to float32)."""
+        return tuple(_numpy(t) for t in self._qkv(scale, layer))  # type: ignore[return-value]
+
+    def qkv_torch(self, scale: int, layer: int, dtype: Any = None) -> tuple[Any, Any, Any]:
+        """Like :meth:`qkv`, as CPU torch tensors: in the stored dtype (``torch.bfloat16`` stays bf16) or in
+        ``dtype``."""
+        q, k, v = self._qkv(scale, layer)
+        return (q, k, v) if dtype is None else (q.to(dtype), k.to(dtype), v.to(dtype))
+
+    def _qkv(self, scale: int, layer: int) -> tuple[Any, Any, Any]:
+        import torch
+
         q, k, v = self._load(scale, layer)
         kv_len = self.schedule.kv_lens[scale]
         if k.shape[2] == kv_len:
@@ -181,23 +286,37 @@ class CaptureSet:
             if ks.shape[2] != self.schedule.tokens[s]:
                 raise CaptureError(f"{self.files[(s, layer)]}: k has {ks.shape[2]} keys; to build the cache of scale "
                                    f"{scale} it must hold scale {s}'s {self.schedule.tokens[s]} tokens only")
-        return q, np.concatenate([p[1] for p in parts], axis=2), np.concatenate([p[2] for p in parts], axis=2)
+        if len({p[1].dtype for p in parts}) != 1:
+            raise CaptureError(f"{self.directory}: the k/v of scales 0..{scale} of layer {layer} are stored in "
+                               f"different dtypes ({sorted({str(p[1].dtype) for p in parts})})")
+        return q, torch.cat([p[1] for p in parts], dim=2), torch.cat([p[2] for p in parts], dim=2)
 
     def regime(self, layer: int) -> str:
         return "captured"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "captures", "directory": str(self.directory), "model": self.model.name,
-                "resolution": self.schedule.resolution, "aspect": self.schedule.aspect,
-                "heads": list(self.head_ids) if self.head_ids is not None else "all",
-                "layers": list(self.layers), "note": self.note}
+        """What a report stores about the data: ``heads`` says which heads were stored (``"4 of 28: [0, 7, 14,
+        21]"``), ``head_ids`` lists them, ``softmax_scale`` / ``softmax_scale_source`` which scale the figures use
+        and where it came from."""
+        stored = self.stored_heads()
+        ids = list(self.head_ids) if self.head_ids is not None else list(range(stored))
+        out = {"kind": "captures", "directory": str(self.directory), "model": self.model.name,
+               "resolution": self.schedule.resolution, "aspect": self.schedule.aspect,
+               "heads": heads_text(self.head_ids, self.model.heads, stored), "head_ids": ids,
+               "layers": list(self.layers), "softmax_scale": self.softmax_scale,
+               "softmax_scale_source": self.softmax_scale_source, "note": self.note}
+        if self.softmax_scale_forced:
+            default = default_softmax_scale(self.model)
+            out["softmax_scale_forced"] = (f"the index's {self.softmax_scale:g} disagrees with the {self.model.family} "
+                                           f"family's {default:g}; opened with force_scale")
+        return out
 
     def release(self, layer: int | None = None) -> None:
         """Drop cached tensors (of one layer, or all)."""
         for key in [k for k in self._own if layer is None or k[1] == layer]:
             del self._own[key]
 
-    def _load(self, scale: int, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load(self, scale: int, layer: int) -> tuple[Any, Any, Any]:
         key = (scale, layer)
         if key in self._own:
             return self._own[key]
@@ -221,13 +340,16 @@ class CaptureSet:
                                    "or float64")
         self._check_shapes(path, scale, *(headers[n].shape for n in ("q", "k", "v")))
         try:
-            tensors = read_tensors(path, ("q", "k", "v"), headers)
+            tensors = read_tensors_torch(path, ("q", "k", "v"), headers)
         except TensorFileError as e:
             raise CaptureError(str(e)) from None
+        import torch
+
         q, k, v = (tensors[n] for n in ("q", "k", "v"))
         for name, a in (("q", q), ("k", k), ("v", v)):
-            if not np.isfinite(a).all():
-                bad = int((~np.isfinite(a)).sum())
+            finite = torch.isfinite(a)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
                 raise CaptureError(f"{path}: {name} holds {bad} NaN/inf values")
         self._shape = (q.shape[0], q.shape[1], q.shape[3])
         self._own[key] = (q, k, v)
@@ -255,6 +377,35 @@ class CaptureSet:
             raise CaptureError(f"{path}: {h} heads; expected {want}")
         if self._shape is not None and self._shape != (b, h, d):
             raise CaptureError(f"{path}: B, H, D = {(b, h, d)} differ from the other captures' {self._shape}")
+
+
+def _numpy(t: Any) -> np.ndarray:
+    import torch
+
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _index_scale(data: dict[str, Any], spec: ModelSpec, index: Path, force: bool) -> tuple[float, str, bool]:
+    """``(scale, source, forced)`` of an index (see the module docstring)."""
+    default = default_softmax_scale(spec)
+    scale = data.get("softmax_scale")
+    if scale is None:
+        if default is None:
+            raise CaptureError(
+                f"{index}: no softmax_scale, and {spec.name} (family {spec.family}) has no default: add "
+                f"\"softmax_scale\": <the scale its attention uses> to {INDEX_NAME} (SDPA without a scale uses "
+                f"1/sqrt(head_dim) = {1 / math.sqrt(spec.head_dim):.6g})")
+        return default, "family default", False
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise CaptureError(f"{index}: softmax_scale must be a positive number, got {scale!r}")
+    if default is not None and not same_scale(scale, default):
+        if not force:
+            raise CaptureError(
+                f"{index}: softmax_scale {scale:g} disagrees with the {spec.family} family's default {default:g} "
+                f"({spec.name}); the figures depend on it, so one of the two is wrong. If the model really calls "
+                f"attention with {scale:g}, open the captures with force_scale=True")
+        return float(scale), "index", True
+    return float(scale), "index", False
 
 
 def _index_model(data: dict[str, Any], model: ModelSpec | str | None, index: Path) -> ModelSpec:
@@ -308,7 +459,8 @@ def _index_entries(data: dict[str, Any], d: Path, index: Path, schedule: Schedul
     return files
 
 
-def _ranges(values: Iterable[int]) -> str:
+def ranges_text(values: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
     vals = sorted(values)
     parts, i = [], 0
     while i < len(vals):
@@ -318,3 +470,6 @@ def _ranges(values: Iterable[int]) -> str:
         parts.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
         i = j + 1
     return ", ".join(parts)
+
+
+_ranges = ranges_text  # the name other modules imported first

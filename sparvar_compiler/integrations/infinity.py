@@ -348,46 +348,163 @@ def patched(model: torch.nn.Module) -> InfinityPatch | None:
     return getattr(model, _PATCH_ATTR, None)
 
 
-class _CaptureAttention:
-    """Dense attention (what SDPA under autocast computes) that first hands q/k/v to a capture writer."""
+class _CaptureStats:
+    """What the capture hooks saw, for the message when nothing was recorded."""
 
-    def __init__(self, writer: Any, layer: int, layers: frozenset[int] | None, patch: InfinityPatch):
-        self.writer, self.layer, self.layers, self.patch = writer, layer, layers, patch
+    def __init__(self) -> None:
+        self.calls = 0
+        self.matched = 0
+        self.first: tuple[int, int] | None = None
+
+
+class _CaptureAttention:
+    """Dense attention (what SDPA under autocast computes) that first hands q/k/v to a capture writer.
+
+    Stored is what attention computes on: q and k in v's dtype (Infinity under bf16 autocast hands float32 q/k
+    and a bf16 v; SDPA under autocast computes in bf16), unless the writer asks for a dtype of its own. With
+    ``kv="scale"`` only this scale's keys/values are stored (the last ``tokens`` of the cache; the loader
+    concatenates scales 0..s), which halves the bytes of a generation; each scale checks that the cache it sees
+    starts with the keys the previous scale stored (Infinity's cache is a concatenation), else it refuses.
+    """
+
+    def __init__(self, writer: Any, layer: int, layers: frozenset[int] | None, patch: InfinityPatch,
+                 stats: _CaptureStats, kv: str):
+        self.writer, self.layer, self.layers, self.patch, self.stats, self.kv = writer, layer, layers, patch, stats, kv
+        self._last: tuple[int, int, torch.Tensor] | None = None  # (scale, kv_len, last key row) stored before
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  **unused: Any) -> torch.Tensor:
+        stats = self.stats
+        stats.calls += 1
+        if stats.first is None:
+            stats.first = (int(q.shape[2]), int(k.shape[2]))
         scale_index = self.writer.match_scale(q.shape[2], k.shape[2])
-        if scale_index is not None and (self.layers is None or self.layer in self.layers):
-            self.writer.save(scale_index, self.layer, q, k, v)
-            key = ("capture", scale_index, self.layer)
-            self.patch.calls[key] = self.patch.calls.get(key, 0) + 1
+        if scale_index is not None:
+            stats.matched += 1
+            if self.layers is None or self.layer in self.layers:
+                self._save(scale_index, q, k, v)
+                key = ("capture", scale_index, self.layer)
+                self.patch.calls[key] = self.patch.calls.get(key, 0) + 1
         dtype = v.dtype
         return torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v, scale=scale)
 
+    def _save(self, scale_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        kv_len, tokens = int(k.shape[2]), int(q.shape[2])
+        k_s, v_s = k, v
+        if self.kv == "scale" and kv_len != tokens:
+            last = self._last
+            if last is None or last[0] != scale_index - 1 or last[1] != kv_len - tokens or \
+                    not torch.equal(k[:, :, last[1] - 1:last[1]], last[2]):
+                raise IntegrationError(
+                    f"layer {self.layer}, scale {scale_index}: the KV cache does not start with the keys captured at "
+                    f"scale {scale_index - 1} (or that scale was not captured), so storing this scale's keys alone "
+                    f"would rebuild a wrong cache; capture with kv='cache' to store the whole cache of every scale")
+            k_s, v_s = k[:, :, -tokens:], v[:, :, -tokens:]
+        if self.writer.dtype is None and q.dtype != v.dtype:
+            q, k_s = q.to(v.dtype), k_s.to(v.dtype)
+        self.writer.save(scale_index, self.layer, q, k_s, v_s)
+        self._last = (scale_index, kv_len, k[:, :, -1:].clone())
+
 
 @contextlib.contextmanager
-def capture(model: torch.nn.Module, writer: Any, layers: Iterable[int] | None = None) -> Iterator[InfinityPatch]:
+def capture(model: torch.nn.Module, writer: Any, layers: Iterable[int] | None = None,
+            heads: Iterable[int] | None = None, kv: str = "scale") -> Iterator[InfinityPatch]:
     """Record the q/k/v every self-attention call hands to attention (after Infinity's normalisation, RoPE and
-    KV-cache append) into ``writer`` (a :class:`sparvar_compiler.fidelity.hooks.CaptureWriter` for the model
-    and schedule being generated), through the same hook as :func:`apply`; attention itself stays dense.
+    KV-cache append) into ``writer``, through the same hook as :func:`apply`; attention itself stays dense.
     Unlike patching SDPA, this sees Infinity's calls whatever name its code imported SDPA under::
 
-        writer = CaptureWriter("caps", "infinity-2b", resolution=1024, softmax_scale=1.0, heads=[0, 7])
-        with sv.capture(infinity, writer):
-            infinity.autoregressive_infer_cfg(...)
-        writer.close()
+        writer = CaptureWriter("caps", "infinity-8b", resolution=1024, aspect="1:1")
+        with sv.capture(infinity, writer, layers=range(0, 40, 4), heads=[0, 7, 14, 21]):
+            infinity.autoregressive_infer_cfg(...)          # one image
+
+    Parameters
+    ----------
+    model:
+        A loaded Infinity model (``customized_flash_attn=False``), not patched by :func:`apply`.
+    writer:
+        A :class:`sparvar_compiler.fidelity.hooks.CaptureWriter` of the model and the schedule generated. Its
+        softmax scale (by default the family's, 1.0) must be the model's ``sa.scale``; a writer without one (a
+        custom model) takes the model's.
+    layers:
+        Layers to record (default all).
+    heads:
+        Heads to store, in order (default: the writer's, else all); the index lists them.
+    kv:
+        ``"scale"`` (default): store each scale's own keys/values, the loader rebuilds the cache; ``"cache"``: store
+        the whole cache at every scale (about twice the bytes).
+
+    Stored dtype: what attention computes on (bf16 under Infinity's bf16 autocast), unless the writer has a
+    ``dtype``. Wrap exactly one generation: a second one would capture each (scale, layer) again, which the
+    writer refuses.
+
+    Raises
+    ------
+    IntegrationError
+        Before anything runs: the model is patched or not Infinity-shaped, it does not fit the writer's model
+        (depth, heads, head dim), its ``sa.scale`` disagrees with the writer's softmax scale, or ``layers`` /
+        ``heads`` / ``kv`` are out of range. At exit (when the block itself did not raise): nothing was recorded,
+        with the likely cause (no call reached the hook, the writer's schedule is not the one generated, or
+        ``layers`` filtered out every call), or a chosen layer lacks some scale of the writer's schedule (another
+        schedule was generated: Infinity's schedules share their first scales).
     """
+    from ..fidelity.captures import CaptureError, ranges_text
+    from ..fidelity.hooks import nothing_recorded
+
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise IntegrationError("this model is already patched; call remove(model) first")
+    if kv not in ("scale", "cache"):
+        raise IntegrationError(f"kv must be 'scale' or 'cache', not {kv!r}")
     blocks = _blocks(model)
     sas = [_self_attention(b, i) for i, b in enumerate(blocks)]
-    patch = InfinityPatch(writer, False, False, blocks)
+    spec = writer.model
+    if spec.depth != len(blocks) or spec.heads != sas[0].num_heads or spec.head_dim != sas[0].head_dim:
+        raise IntegrationError(f"the writer is for {spec.name} ({spec.depth} layers of {spec.heads} heads of "
+                               f"{spec.head_dim}), the model has {len(blocks)} blocks of {sas[0].num_heads} heads of "
+                               f"{sas[0].head_dim}")
+    scales = sorted({float(sa.scale) for sa in sas})
+    if len(scales) != 1:
+        raise IntegrationError(f"the model's self-attention layers use different softmax scales {scales}")
     wanted = None if layers is None else frozenset(int(x) for x in layers)
-    _install(model, patch, sas, lambda layer: _CaptureAttention(writer, layer, wanted, patch))
+    if wanted is not None:
+        bad = sorted(x for x in wanted if not 0 <= x < len(blocks))
+        if bad:
+            raise IntegrationError(f"layer {bad[0]} is not in 0..{len(blocks) - 1}")
+    try:
+        writer.use_model_scale(scales[0], f"{type(model).__name__}'s self-attention (sa.scale)")
+        if heads is not None:
+            ids = [int(h) for h in heads]
+            if writer.heads is not None and ids != writer.heads:
+                raise IntegrationError(f"heads={ids}, but the writer was made for heads {writer.heads}; give them "
+                                       "once")
+            writer.select_heads(ids)
+    except CaptureError as e:
+        raise IntegrationError(str(e)) from None
+    patch = InfinityPatch(writer, False, False, blocks)
+    stats = _CaptureStats()
+    _install(model, patch, sas, lambda layer: _CaptureAttention(writer, layer, wanted, patch, stats, kv))
     try:
         yield patch
     finally:
         remove(model)
+        writer.close()
+    recorded = {(s, layer) for kind, s, layer in patch.calls if kind == "capture"}
+    if not recorded:
+        raise IntegrationError(nothing_recorded(
+            writer, stats.calls, stats.matched, stats.first, None if wanted is None else sorted(wanted),
+            "sv.capture",
+            "no self-attention call reached the hook. Run the generation inside the with block, on this model "
+            "object; build it with customized_flash_attn=False (flash_attn_func blocks bypass attn_fn), and call it "
+            "through the blocks' forward (autoregressive_infer_cfg does)"))
+    n = writer.schedule.num_scales
+    for layer in sorted(wanted) if wanted is not None else range(len(blocks)):
+        have = sorted(s for s, l in recorded if l == layer)
+        if have != list(range(n)):
+            raise IntegrationError(
+                f"sv.capture recorded scales {ranges_text(have) or 'none'} of layer {layer}, but "
+                f"{writer.schedule_text()} has scales 0-{n - 1} ({stats.calls - stats.matched} of {stats.calls} "
+                f"self-attention calls matched none of its scales): the image generated does not have the writer's "
+                f"schedule, or the generation stopped early; pass CaptureWriter(resolution=..., aspect=...) of the "
+                f"schedule generated and capture again (the files written so far are incomplete)")
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
