@@ -1,9 +1,12 @@
 """Fidelity report and calibration: float64 figures vs straightforward references, captures that must be refused,
-the synthetic regimes, and a calibration that never recommends a plan below its floor.
+the synthetic regimes, random baselines over several draws, summary rows over the same layers, the softmax scale
+in every report, and a calibration that reports its pick's error and never recommends a plan below its floor or
+above its error cap.
 
 Shapes are small (a 9-scale custom model, last scale 32x32) so the file runs in well under a minute on 2 cores.
 """
 
+import dataclasses
 import json
 import math
 
@@ -13,17 +16,23 @@ import torch
 
 from sparvar_compiler.cli import main
 from sparvar_compiler.cs4a.select import cs4a_masks, decision_mask, group_mass_reference, upsample_residual
-from sparvar_compiler.fidelity.calibrate import Floor, SearchSpace, calibrate, grown_windows, plan_cost
+from sparvar_compiler.errors import PlanConfigError, SparvarError
+from sparvar_compiler.fidelity.calibrate import (Floor, SearchSpace, calibrate, grown_windows, pareto_front,
+                                                 plan_cost)
 from sparvar_compiler.fidelity.captures import CaptureError, CaptureSet
 from sparvar_compiler.fidelity.evaluate import ALL_MODES, EvalOptions, evaluate, sample_rows
 from sparvar_compiler.fidelity.hooks import CaptureWriter, capture_sdpa
-from sparvar_compiler.fidelity.masks import CS4ASelector, cs4a_plan
+from sparvar_compiler.fidelity.masks import (CS4ASelector, cs4a_layer_masks, cs4a_plan, decision_band_mask,
+                                             random_block_draw)
 from sparvar_compiler.fidelity.metrics import (captured_mass, cosine_similarity, masked_output, relative_l2,
                                                sparse_attention)
+from sparvar_compiler.fidelity.modes import DEFAULT_MAX_ERROR
+from sparvar_compiler.fidelity.report import format_report, summarise
 from sparvar_compiler.fidelity.synthetic import SyntheticSource, synthetic_head, write_synthetic_captures
 from sparvar_compiler.fidelity.tensorfile import read_tensors, write_tensors
 from sparvar_compiler.planner import PlanConfig, get_model, load_config_file, make_plan
-from sparvar_compiler.planner.csla import csla_token_mask
+from sparvar_compiler.planner.config import check_runtime_support
+from sparvar_compiler.planner.csla import csla_layout, csla_token_mask
 
 TINY = """name: tiny-var
 family: custom
@@ -143,15 +152,16 @@ def test_row_masks_equal_cs4a_masks(tiny, tiny_plan, mode, mapping):
     S = tiny_plan.config.decision_scale
     q, k, _ = (torch.from_numpy(np.ascontiguousarray(a)) for a in src.qkv(S, 0))
     cplan = cs4a_plan(tiny_plan, mode, mapping)
-    ref = cs4a_masks(cplan, q, k, 1.0, mapping=mapping, mode=mode)
+    sc = src.softmax_scale
+    ref = cs4a_masks(cplan, q, k, sc, mapping=mapping, mode=mode)
     assert set(ref) == {7, 8}
     rows = {s: sample_rows(cplan.scales[s].tokens, 40, 1, s) for s in ref}
-    sel = CS4ASelector(q, k, 1.0)
+    sel = CS4ASelector(q, k, sc)
     got = sel.masks(cplan, mode, mapping, rows)
     for s, m in ref.items():
         assert torch.equal(got[s][0], m[:, :, rows[s]])
         assert got[s][1] == pytest.approx(float(m.double().sum(-1).mean()), rel=1e-12)
-    assert torch.equal(sel.decision_mask(cplan, mode), decision_mask(cplan, q, k, 1.0, mapping=mapping, mode=mode))
+    assert torch.equal(sel.decision_mask(cplan, mode), decision_mask(cplan, q, k, sc, mapping=mapping, mode=mode))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -180,9 +190,11 @@ def test_evaluate_matches_float64_reference(tiny, tiny_plan):
     cfg = tiny_plan.config
     by = {(r.scale, r.layer, r.head, r.mode): r for r in ev.records}
     S = cfg.decision_scale
+    sc = src.softmax_scale  # custom: no family default, SDPA's 1/sqrt(32); the synthetic logits do not depend on it
+    assert sc == pytest.approx(32 ** -0.5) and ev.softmax_scale == sc
     for layer in (0, 2):
         qS, kS, vS = src.qkv(S, layer)
-        LS = torch.from_numpy(np.ascontiguousarray(qS)) @ torch.from_numpy(kS).transpose(-1, -2)
+        LS = torch.from_numpy(np.ascontiguousarray(qS)) @ torch.from_numpy(kS).transpose(-1, -2) * sc
         for s in range(S, tiny_plan.num_scales):
             rows = sample_rows(tiny_plan.scales[s].tokens, 24, 2, s)
             q, k, v = src.qkv(s, layer)
@@ -194,16 +206,16 @@ def test_evaluate_matches_float64_reference(tiny, tiny_plan):
             masks["sparvar"] = masks["csla_block"] if mode == "csla" else None
             if s > S:
                 cplan = cs4a_plan(tiny_plan, "token", "identity")
-                full = cs4a_masks(cplan, torch.from_numpy(np.ascontiguousarray(qS)), torch.from_numpy(kS), 1.0)[s]
+                full = cs4a_masks(cplan, torch.from_numpy(np.ascontiguousarray(qS)), torch.from_numpy(kS), sc)[s]
                 masks["cs4a_token"] = full.numpy()[:, :, rows]
             for name, m in masks.items():
                 if m is None:
                     continue
                 mm = np.broadcast_to(m[rows] if m.ndim == 2 else m, (1, 2, len(rows), k.shape[2]))
-                mass, out, dense = _ref_metrics(q, k, v, mm, 1.0)
+                mass, out, dense = _ref_metrics(q, k, v, mm, sc)
                 if name == "cs4a_token":
                     # SparVAR's residual: the decision scale's dense minus sparse output, upsampled.
-                    dm = decision_mask(cplan, torch.from_numpy(np.ascontiguousarray(qS)), torch.from_numpy(kS), 1.0)
+                    dm = decision_mask(cplan, torch.from_numpy(np.ascontiguousarray(qS)), torch.from_numpy(kS), sc)
                     P = torch.softmax(LS, -1)
                     res = P @ torch.from_numpy(vS) - masked_output(LS, torch.from_numpy(vS), dm)
                     out = out + upsample_residual(res, cplan, s).numpy()[:, :, rows]
@@ -252,7 +264,8 @@ def test_synthetic_logits_are_the_documented_terms(tiny, rng):
 
 
 def test_regimes_local_vs_content(tiny, tiny_plan):
-    """Local heads: CSLA keeps most of the mass and beats random clearly. Content heads: it does not, CS4A does."""
+    """Local heads: CSLA keeps most of the mass and beats random clearly (random keeps the sink blocks too, which
+    hold much of a local head's mass on this small model). Content heads: it does not, CS4A does."""
     opts = EvalOptions(block=BLOCK, query_sample=64, layers=(0, 1), modes=("csla_block", "random", "cs4a_token",
                                                                            "random_cs4a"))
 
@@ -261,10 +274,122 @@ def test_regimes_local_vs_content(tiny, tiny_plan):
 
     local = evaluate(SyntheticSource(tiny, "local", heads=2), tiny_plan, opts, progress=None)
     content = evaluate(SyntheticSource(tiny, "content", heads=2), tiny_plan, opts, progress=None)
-    assert mean(local, "csla_block") > 0.9 and mean(local, "csla_block") > mean(local, "random") + 0.5
+    assert mean(local, "csla_block") > 0.9 and mean(local, "csla_block") > mean(local, "random") + 0.3
     assert mean(content, "csla_block") < 0.75
     assert mean(content, "cs4a_token") > mean(content, "csla_block") + 0.1
     assert mean(content, "cs4a_token") > mean(content, "random_cs4a") + 0.3
+
+
+def test_random_baseline_is_mean_and_sd_over_draws_per_layer_and_head(tiny, tiny_plan):
+    """Each (layer, head) gets its own draws; the record is their mean and sd; the sink blocks are kept and the
+    density is csla_block's."""
+    src = SyntheticSource(tiny, "local", heads=2, seed=3)
+    draws, rows_n, seed = 5, 20, 4
+    ev = evaluate(src, tiny_plan, EvalOptions(block=BLOCK, query_sample=rows_n, modes=("csla_block", "random"),
+                                              layers=(1, 2), seed=seed, random_draws=draws), progress=None)
+    S = tiny_plan.config.decision_scale
+    sink_keys = tiny_plan.scales[tiny_plan.config.sink_scales].kv_offset
+    for s in (S, S + 2):
+        layout = csla_layout(tiny_plan, s, BLOCK, BLOCK)
+        rows = sample_rows(tiny_plan.scales[s].tokens, rows_n, seed, s)
+        masks = {}
+        for layer in (1, 2):
+            q, k, v = src.qkv(s, layer)
+            L = torch.from_numpy(np.ascontiguousarray(q[:, :, rows])) @ torch.from_numpy(k).transpose(-1, -2)
+            P = torch.softmax(L * src.softmax_scale, -1)
+            per_draw = []
+            for d in range(draws):
+                m = random_block_draw(layout, rows, 2, (seed, s, layer, d), sink_keys)
+                masks[(layer, d)] = m
+                assert m[..., :sink_keys].all()  # the sink blocks (whole blocks) are kept
+                per_row = torch.from_numpy(layout.active()[rows // BLOCK].sum(-1))  # blocks per query row
+                assert torch.equal(m[:, :, ::BLOCK].sum(-1), per_row.expand(2, -1))
+                per_draw.append((P * m[None]).sum(-1).mean(dim=(0, 2)).numpy())
+            per_draw = np.array(per_draw)  # [draws, heads]
+            for h in range(2):
+                rec = next(r for r in ev.records if (r.scale, r.layer, r.head, r.mode) == (s, layer, h, "random"))
+                csla = next(r for r in ev.records if (r.scale, r.layer, r.head, r.mode) == (s, layer, h,
+                                                                                          "csla_block"))
+                assert rec.draws == draws and rec.density == pytest.approx(csla.density, rel=1e-12)
+                assert rec.mass == pytest.approx(per_draw[:, h].mean(), rel=1e-10)
+                assert rec.mass_sd == pytest.approx(per_draw[:, h].std(ddof=1), rel=1e-8)
+                assert rec.mass_sd > 0 and rec.rel_l2_sd > 0 and rec.cosine_sd is not None
+        # Drawn per (layer, head): heads, layers and draws differ.
+        assert not torch.equal(masks[(1, 0)][0], masks[(1, 0)][1])
+        assert not torch.equal(masks[(1, 0)], masks[(2, 0)]) and not torch.equal(masks[(1, 0)], masks[(1, 1)])
+    summary = [r for r in summarise(ev) if r["mode"] == "random"]
+    assert all(r["draws"] == draws and "mass_sd" in r for r in summary)
+    text = format_report(ev)
+    assert "+-" in text and f"sink blocks (the kv blocks holding the sink scales' keys" in text
+    assert f"mean and sd over {draws} draws" in text
+
+
+def test_summary_rows_average_over_the_same_layers(tiny, tiny_plan):
+    """The sparvar row's error without the residual averages over the same layers as its error (CSLA layers at
+    their own error), and the row says which layers the residual applies to."""
+    src = SyntheticSource(tiny, "mixed", heads=2, seed=1)
+    ev = evaluate(src, tiny_plan, EvalOptions(block=BLOCK, query_sample=24, modes=("sparvar", "cs4a_token"),
+                                              layers=(0, 1, 2, 3)), progress=None)
+    bound = tiny_plan.config.bound_layer
+    assert bound == 1
+    rows = summarise(ev)
+    for s in (7, 8):
+        recs = [r for r in ev.records if r.scale == s and r.mode == "sparvar"]
+        row = next(r for r in rows if r["scale"] == s and r["mode"] == "sparvar" and r["regime"] == "content")
+        content = [r for r in recs if r.regime == "content"]
+        assert row["layers"] == sorted({r.layer for r in content}) and row["residual_layers"] == [0]
+        assert row["rel_l2"] == pytest.approx(np.mean([r.rel_l2 for r in content]))
+        want = np.mean([r.rel_l2_no_residual if r.rel_l2_no_residual is not None else r.rel_l2 for r in content])
+        assert row["rel_l2_no_residual"] == pytest.approx(want)
+        local = next(r for r in rows if r["scale"] == s and r["mode"] == "sparvar" and r["regime"] == "local")
+        assert local["layers"] == [1, 2, 3] and "rel_l2_no_residual" not in local  # CSLA only: no residual
+        # cs4a_token applies in every layer: the residual applies to all of them.
+        cs4a = next(r for r in rows if r["scale"] == s and r["mode"] == "cs4a_token" and r["regime"] == "local")
+        assert cs4a["residual_layers"] == [1, 2, 3]
+    text = format_report(ev)
+    assert "regime: local; every row averages over layers 1-3 (all heads)" in text
+    assert "over the same layers; the residual applies in layers 0)" in text
+    # A residual-off plan records the error it would have had with the residual, over the same layers.
+    off = make_plan(tiny, config=dataclasses.replace(tiny_plan.config, residual=False))
+    ev_off = evaluate(src, off, EvalOptions(block=BLOCK, query_sample=24, modes=("sparvar",), layers=(0, 1)),
+                      progress=None)
+    by_on = {(r.scale, r.layer, r.head): r for r in ev.records if r.mode == "sparvar"}
+    for r in ev_off.records:
+        if r.plan_mode == "cs4a":
+            on = by_on[(r.scale, r.layer, r.head)]
+            assert r.rel_l2_with_residual == pytest.approx(on.rel_l2, rel=1e-9)
+            assert r.rel_l2 == pytest.approx(on.rel_l2_no_residual, rel=1e-9)
+
+
+def test_decision_band_widens_the_decision_pattern_only(tiny, tiny_plan):
+    """decision_band: the decision-scale pattern gains the first later scale's band around each group; the
+    later scales' patterns are unchanged; the runtime refuses the option."""
+    from sparvar_compiler.planner.cs4a import band_keys
+
+    src = SyntheticSource(tiny, "local", heads=2, seed=2)
+    S = tiny_plan.config.decision_scale
+    q, k, _ = (torch.from_numpy(np.ascontiguousarray(a)) for a in src.qkv(S, 0))
+    banded = make_plan(tiny, config=dataclasses.replace(tiny_plan.config, decision_band=True))
+    sc = src.softmax_scale
+    plain = cs4a_plan(tiny_plan, "token", "identity")
+    wide = cs4a_plan(banded, "token", "identity")
+    m0, d0 = cs4a_layer_masks(plain, q, k, sc, "token", "identity")
+    m1, d1 = cs4a_layer_masks(wide, q, k, sc, "token", "identity")
+    assert all(torch.equal(m0[s], m1[s]) for s in m0)
+    band = decision_band_mask(wide)
+    dec = tiny_plan.scales[S]
+    gs = tiny_plan.config.group_size
+    for g, keys in enumerate(band_keys(dec.h, dec.w, dec.kv_offset, gs, tiny_plan.config.band_windows[0])):
+        want = torch.zeros(dec.kv_len, dtype=torch.bool)
+        want[torch.from_numpy(keys)] = True
+        assert torch.equal(band[g * gs], want)
+    assert torch.equal(d1, d0 | band) and bool((d1 & ~d0).any())
+    assert torch.equal(CS4ASelector(q, k, sc).decision_mask(wide, "token"), d1)
+    # Off by default and then absent from the plan's dict (plan files and module manifests read as before).
+    assert "decision_band" not in tiny_plan.config.to_dict() and banded.config.to_dict()["decision_band"] is True
+    check_runtime_support(tiny_plan.config)
+    with pytest.raises(PlanConfigError, match="'decision_band: true' is not supported by the runtime yet"):
+        check_runtime_support(banded.config)
 
 
 # ---------------------------------------------------------------------------------------------- captures
@@ -273,7 +398,7 @@ def test_capture_roundtrip(tiny, tmp_path, suffix):
     src = SyntheticSource(tiny, "mixed", heads=2, batch=2, seed=4, layers=(0, 3))
     write_synthetic_captures(src, tmp_path / "c", suffix=suffix, dtype="float64")
     caps = CaptureSet.open(tmp_path / "c", tiny)
-    assert caps.layers == (0, 3) and caps.softmax_scale == 1.0 and caps.shape() == (2, 2, 32)
+    assert caps.layers == (0, 3) and caps.softmax_scale == src.softmax_scale and caps.shape() == (2, 2, 32)
     for s in (0, 5, 8):
         for a, b in zip(caps.qkv(s, 3), src.qkv(s, 3)):
             np.testing.assert_array_equal(a, b)
@@ -427,6 +552,69 @@ def test_calibration_meets_its_floor(tiny, tiny_plan, tmp_path, floor):
     assert f"--block-sizes {res.block}" in path.read_text()
 
 
+@pytest.mark.parametrize("preset", ["local", "content", "content-fresh", "mixed"])
+def test_calibration_reports_error_with_its_pick(tiny, tiny_plan, preset):
+    """On every synthetic preset, with the default floor (error cap on): the pick comes with its verified mass,
+    error and cosine, per scale and aggregated, in the result, the YAML comments and the JSON; the error is
+    within the cap."""
+    src = SyntheticSource(tiny, preset, heads=1, seed=3)
+    space = SearchSpace(decision_scales=(6,), blocks=(16,), topk_fractions=(0.2, 0.4), window_growth=(0, 1),
+                        window_extra_scales=(0,))
+    floor = Floor(min_mass=0.85)
+    assert floor.max_rel_error == DEFAULT_MAX_ERROR
+    res = calibrate(src, tiny_plan, floor, trials=6, query_sample=32, space=space, seed=0, progress=None)
+    assert res.rel_error is not None and res.rel_error <= floor.max_rel_error
+    assert res.mass >= floor.min_mass and res.cosine is not None
+    assert res.softmax_scale == src.softmax_scale and "SDPA's 1/sqrt(head_dim)" in res.softmax_scale_source
+    text = res.yaml_text()
+    assert f"relative L2 error {res.rel_error:.4f}" in text and f"cosine {res.cosine:.4f}" in text
+    assert "# softmax scale: " in text
+    data = res.to_dict()
+    assert data["rel_error"] == res.rel_error and data["softmax_scale"]["value"] == src.softmax_scale
+    if res.fallback:
+        assert res.config.cs4a == "off" and "no sparse candidate met the floor" in res.notes[0]
+        return
+    assert [r["scale"] for r in res.per_scale] == list(range(6, 9))
+    for r in res.per_scale:
+        assert r["rel_l2_max"] <= floor.max_rel_error and r["mass_min"] >= floor.min_mass
+        assert f"#   scale {r['scale']:>2}: mass {r['mass_mean']:.4f}" in text
+    if res.config.bound_layer > 0:  # CS4A layers: the residual's measured effect, with and without
+        assert res.residual_groups and all({"rel_l2_with", "rel_l2_without"} <= set(g) for g in res.residual_groups)
+        assert "CS4A residual" in text
+
+
+def test_calibration_never_returns_a_plan_above_the_error_cap(tiny, tiny_plan):
+    """A case where the cheapest plan meeting the mass floor is above the cap: the cap makes calibrate pick a
+    costlier plan (or the dense one), whose error, re-evaluated independently, is within the cap."""
+    src = SyntheticSource(tiny, "mixed", heads=2, seed=7)
+    space = SearchSpace(decision_scales=(5, 6), blocks=(16, 32), topk_fractions=(0.1, 0.3))
+    kw = dict(trials=10, query_sample=48, space=space, seed=1, progress=None)
+    mass_only = calibrate(src, tiny_plan, Floor(min_mass=0.8, max_rel_error=None), **kw)
+    assert not mass_only.fallback and mass_only.rel_error is not None
+    cap = 0.8 * mass_only.rel_error  # the cheapest mass-passing plan is above it
+    res = calibrate(src, tiny_plan, Floor(min_mass=0.8, max_rel_error=cap), **kw)
+    over = [c for c in res.candidates if c.stage == "search" and c.mass >= 0.8 and c.rel_error > cap]
+    assert over and min(c.cost for c in over) < res.cost
+    assert res.rel_error <= cap and res.mass >= 0.8
+    if res.fallback:
+        assert any("exceeded the error cap" in n for n in res.notes)
+    plan = make_plan(tiny, config=res.config)
+    scales = tuple(range(res.config.decision_scale, plan.num_scales))
+    ev = evaluate(src, plan, EvalOptions(block=res.block, query_sample=48, seed=1, modes=("sparvar",),
+                                         scales=scales), progress=None)
+    per: dict = {}
+    for r in ev.records:
+        per.setdefault((r.scale, r.layer), []).append(r.rel_l2)
+    assert max(np.mean(v) for v in per.values()) == pytest.approx(res.rel_error, rel=1e-9)
+    # Every verified candidate above the cap was refused.
+    assert all(c.rel_error <= cap for c in res.candidates if c.stage == "verify" and c.feasible)
+
+
+def test_pareto_front():
+    pts = [(0.2, 0.9, 0.3), (0.3, 0.95, 0.2), (0.25, 0.85, 0.4), (0.2, 0.9, 0.35), (0.5, 0.99, 0.2)]
+    assert pareto_front(pts) == [0, 1, 4]  # 2 is worse than 0 in all three, 3 worse than 0 in error
+
+
 def test_calibration_falls_back_to_dense(tiny, tiny_plan):
     src = SyntheticSource(tiny, "content", heads=1, seed=2)
     space = SearchSpace(decision_scales=(6,), blocks=(16,), topk_fractions=(0.1,), window_growth=(0,),
@@ -435,6 +623,27 @@ def test_calibration_falls_back_to_dense(tiny, tiny_plan):
                     progress=None)
     assert res.fallback and res.mass == 1.0 and res.cost == pytest.approx(1.0)
     assert res.config.cs4a == "off" and res.config.bound_layer == tiny.depth
+    assert "NOTE: no sparse candidate met the floor" in res.yaml_text()
+
+
+def test_calibrate_points_at_decision_scales_when_a_scale_is_missing(tiny, tmp_path):
+    """Captures of the last scales only (whole-cache k/v): the default decision scales need scale 4, which is
+    missing; the message names --decision-scales and the decision scales the data allows."""
+    src = SyntheticSource(tiny, "local", heads=1, seed=0, layers=(0, 1))
+    sched = tiny.schedule()
+    w = CaptureWriter(tmp_path / "c", tiny, suffix=".npz", softmax_scale=src.softmax_scale)
+    for layer in (0, 1):
+        for s in (6, 7, 8):
+            w.save(s, layer, *src.qkv(s, layer))
+    w.close()
+    caps = CaptureSet.open(tmp_path / "c", tiny)
+    plan = make_plan(tiny, config=PlanConfig(group_size=64))
+    with pytest.raises(SparvarError, match=r"scale 4 of layer 0 is missing.*pass --decision-scales .*"
+                                           r"e\.g\. --decision-scales 6,7$"):
+        calibrate(caps, plan, trials=1, progress=None)
+    res = calibrate(caps, plan, Floor(min_mass=0.5, max_rel_error=None), trials=2, query_sample=16,
+                    space=SearchSpace((6, 7), blocks=(16,)), progress=None)
+    assert res.verify_layers == (0, 1) and sched.num_scales == 9
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -446,8 +655,11 @@ def test_cli_fidelity_and_calibrate(tiny, tmp_path, capsys):
                  "--query-sample", "32", "--block", "64", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "SYNTHETIC regime" in text and "regime: content" in text and "regime: local" in text
+    assert f"softmax scale: {32 ** -0.5:.6g} (synthetic data: no family default (custom)" in text
     data = json.loads((out / "fidelity.json").read_text())
     assert data["regime_source"] == "synthetic" and data["source"]["preset"]["name"] == "mixed"
+    assert data["softmax_scale"]["value"] == pytest.approx(32 ** -0.5)
+    assert "1/sqrt(32)" in data["softmax_scale"]["source"] and "random" in data["baselines"]
     assert {r["mode"] for r in data["summary"]} >= {"csla_block", "random", "cs4a_token", "sparvar", "dense"}
     assert (out / "fidelity.png").stat().st_size > 1000
     caps = tmp_path / "caps"
@@ -457,7 +669,11 @@ def test_cli_fidelity_and_calibrate(tiny, tmp_path, capsys):
                  "--query-sample", "32", "--blocks", "16", "--decision-scales", "6", "-o", str(yaml_path),
                  "--json", str(tmp_path / "cal.json")]) == 0
     load_config_file(yaml_path)
-    assert json.loads((tmp_path / "cal.json").read_text())["kind"] == "sparvar-calibration"
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    assert cal["kind"] == "sparvar-calibration" and cal["floor"]["max_rel_error"] == DEFAULT_MAX_ERROR
+    assert cal["rel_error"] is not None and cal["softmax_scale"]["value"] == pytest.approx(32 ** -0.5)
+    assert (tmp_path / "cal.pareto.png").stat().st_size > 1000  # the chart beside the YAML
+    assert "cal.pareto.png" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

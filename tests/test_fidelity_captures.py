@@ -365,3 +365,18 @@ def test_a_plan_of_another_schedule_is_refused(spec, tmp_path):
     with pytest.raises(CaptureError, match=r"captures are of tiny-infinity-caps at 256 px 4:3, the plan is of "
                                            r"tiny-infinity-caps at 256 px 1:1: pass --resolution 256 --aspect 4:3"):
         caps.check_plan(make_plan(spec, 256, "1:1"))
+
+
+def test_decision_band_is_refused_before_anything_is_compiled(tmp_path):
+    """decision_band exists for the fidelity masks only: emitting or tuning it fails at once, naming the option."""
+    import pytest
+    from sparvar_compiler.emit.emitter import emit_module, plan_workloads
+    from sparvar_compiler.errors import PlanConfigError
+    from sparvar_compiler.planner import PlanConfig, get_gpu, make_plan
+
+    plan = make_plan("var-d16", config=PlanConfig(decision_band=True))
+    with pytest.raises(PlanConfigError, match="decision_band"):
+        emit_module(plan, get_gpu("h100"), tmp_path / "m", progress=lambda s: None)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(PlanConfigError, match="decision_band"):
+        list(plan_workloads(plan))

@@ -84,6 +84,9 @@ def plan_workloads(plan: Plan, backends: tuple[str, ...] = ("triton",), block_si
     block size, then (Triton, ``cs4a``) the dynamic CS4A kernels, whose third item is their static
     :class:`~sparvar_compiler.cs4a.TokenTables` / ``BlockTables`` instead of a layout. The tuner measures these
     and the emitter picks among their winners."""
+    from ..planner.config import check_runtime_support
+
+    check_runtime_support(plan.config)
     for s in plan.scales:
         if not s.has_csla:
             continue
@@ -170,7 +173,9 @@ def write_module(plan: Plan, gpu: GpuSpec, directory: Path, db: Any | None = Non
     """Write the module's files into ``directory`` (created if missing; it must hold nothing else): what
     :func:`emit_module` does in its staging directory, and a module set for each member."""
     from ..db.environment import collect_environment
+    from ..planner.config import check_runtime_support
 
+    check_runtime_support(plan.config)  # before any compile: the module must run the plan its manifest names
     choices = choose_kernels(plan, gpu, db, backends, block_sizes, batch, environment)
     tmp = Path(directory)
     tmp.mkdir(exist_ok=True)

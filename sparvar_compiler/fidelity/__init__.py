@@ -5,7 +5,9 @@
   similarity, content) per head; its figures describe a regime, not image quality.
 * :mod:`.masks`, :mod:`.metrics`, :mod:`.evaluate`: each mode's token mask, float64 captured mass and output
   error against dense.
-* :mod:`.report`: table, JSON and heat map. :mod:`.calibrate`: the cheapest plan config meeting a floor.
+* :mod:`.report`: table, JSON, heat map and the calibration's Pareto chart; every report states its softmax
+  scale, what the random baselines keep and which layers each row averages over. :mod:`.calibrate`: the
+  cheapest plan config meeting a mass floor and an error cap (on by default), verified on every layer.
 
 Names below are imported on first use, so that the command line starts without importing torch. The entry
 points share their module's name: ``from sparvar_compiler.fidelity.evaluate import evaluate`` and
@@ -19,7 +21,7 @@ _EXPORTS = {
     "CaptureError": "captures", "CaptureSet": "captures",
     "EvalOptions": "evaluate", "Evaluation": "evaluate", "Record": "evaluate",
     "CaptureWriter": "hooks", "capture_sdpa": "hooks",
-    "ALL_MODES": "modes", "DEFAULT_MODES": "modes",
+    "ALL_MODES": "modes", "DEFAULT_MAX_ERROR": "modes", "DEFAULT_MODES": "modes",
     "PRESETS": "synthetic", "HeadKnobs": "synthetic", "Preset": "synthetic", "SyntheticSource": "synthetic",
     "get_preset": "synthetic",
 }

@@ -3,8 +3,10 @@
 ``fidelity --model M (--captures DIR | --synthetic PRESET)``: per scale and plan mode, captured softmax mass and
 output error vs dense; writes ``fidelity.json`` and ``fidelity.png`` (layers x scales heat maps).
 ``calibrate --model M (--captures DIR | --synthetic PRESET)``: recommends the cheapest plan config meeting a
-fidelity floor on that data and writes it as plan-config YAML (``--plan-config`` of every other command);
-``--storage URL`` keeps its Optuna study in that database (open it with ``optuna-dashboard URL``).
+fidelity floor (captured mass) and error cap on that data and writes it as plan-config YAML (``--plan-config`` of
+every other command), its verified figures in comments, and beside it ``<name>.pareto.png`` (cost vs mass vs
+error of every candidate); ``--storage URL`` keeps its Optuna study in that database (open it with
+``optuna-dashboard URL``; the same command again resumes it).
 
 Results go to stdout; progress and notes to stderr.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from ..cli_args import (add_plan_args, block_sizes, database_location, float_range, int_range, mask_url,
                         output_directory, output_file, plan_from_args)
 from ..limits import MAX_BATCH, MAX_HEADS
-from .modes import ALL_MODES, DEFAULT_MODES
+from .modes import ALL_MODES, DEFAULT_MAX_ERROR, DEFAULT_MODES
 
 SYNTHETIC_LAYERS = 8  # default layers evaluated from a synthetic model (evenly spaced, plus the bound layer)
 MAX_LIST = 4096  # entries of a --layers/--scales list (far above any model's layers or scales)
@@ -54,6 +56,16 @@ def _fractions(text: str) -> tuple[float, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def _max_error(text: str) -> float | None:
+    """``off`` (no error cap) or a number > 0."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    return float_range(0)(text)
+
+
+_CHOICES = {"search": (True, False), "on": (True,), "off": (False,)}
+
+
 def _modes(text: str) -> tuple[str, ...]:
     """``csla_block,sparvar``: known plan modes, repeats dropped."""
     modes = tuple(dict.fromkeys(m for m in text.replace(" ", "").split(",") if m))
@@ -78,6 +90,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_range(0, 2 ** 63 - 1), default=0,
                    help="seed of the synthetic data, row sampling and random layouts (>= 0)")
     p.add_argument("--query-sample", type=int_range(0), help="at most this many query rows per scale (0 = all)")
+    p.add_argument("--force-scale", action="store_true",
+                   help="captures: accept a stored softmax scale that disagrees with the model family's default")
 
 
 def _source(args: argparse.Namespace, plan, all_layers: bool):
@@ -87,7 +101,9 @@ def _source(args: argparse.Namespace, plan, all_layers: bool):
     if args.captures is not None:
         from ..planner.models import get_model
 
-        return CaptureSet.open(args.captures, get_model(args.model))
+        caps = CaptureSet.open(args.captures, get_model(args.model), force_scale=args.force_scale)
+        caps.check_plan(plan)  # the plan's resolution and aspect must be the captures' schedule
+        return caps
     src = SyntheticSource(args.model, args.synthetic, plan.resolution, plan.aspect, heads=args.heads,
                           batch=args.batch, seed=args.seed, decision_scale=plan.config.decision_scale,
                           sink_scales=plan.config.sink_scales)
@@ -107,7 +123,7 @@ def default_synthetic_layers(depth: int, bound: int, count: int = SYNTHETIC_LAYE
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     from .evaluate import EvalOptions, evaluate
-    from .report import format_table, summarise, write_heatmap, write_json
+    from .report import format_report, write_heatmap, write_json
 
     plan = plan_from_args(args)
     source = _source(args, plan, all_layers=False)
@@ -126,7 +142,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     ev = evaluate(source, plan, options, progress=progress)
     path = write_json(ev, out / "fidelity.json")
     png = write_heatmap(ev, out / "fidelity.png")
-    print(format_table(summarise(ev), synthetic=args.synthetic is not None))
+    print(format_report(ev))
     for note in ev.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {path}" + (f" and {png}" if isinstance(png, Path) else f"; {png}")
@@ -135,7 +151,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import Floor, SearchSpace, calibrate
+    from .calibrate import Floor, SearchSpace, calibrate, pareto_path
 
     plan = plan_from_args(args)
     out = args.output or Path(f"calibrated-{plan.model}.yaml")
@@ -143,9 +159,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     source = _source(args, plan, all_layers=True)
     floor = Floor(args.min_mass, args.max_error, args.aggregate)
     space = SearchSpace.default(plan)
-    if args.decision_scales or args.blocks or args.topk_fractions:
-        space = SearchSpace(args.decision_scales or space.decision_scales, blocks=args.blocks or space.blocks,
-                            topk_fractions=args.topk_fractions or space.topk_fractions)
+    space = SearchSpace(args.decision_scales or space.decision_scales, blocks=args.blocks or space.blocks,
+                        topk_fractions=args.topk_fractions or space.topk_fractions,
+                        residuals=_CHOICES[args.residual], decision_bands=_CHOICES[args.decision_band])
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
     kept = {}
     if args.storage:
@@ -156,13 +172,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                     query_sample=128 if args.query_sample is None else args.query_sample, space=space,
                     seed=args.seed, max_verify=args.max_verify, layers=args.layers, progress=progress, **kept)
     res.write_yaml(out)
+    png = res.write_pareto(pareto_path(out))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
     print(res.yaml_text())
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {out}" + (f" and {args.json}" if args.json else "") + f" in {res.seconds:.1f} s", file=sys.stderr)
+    wrote = [str(out)] + ([str(png)] if isinstance(png, Path) else []) + ([str(args.json)] if args.json else [])
+    print(f"wrote {', '.join(wrote)} in {res.seconds:.1f} s" + ("" if isinstance(png, Path) else f"; {png}"),
+          file=sys.stderr)
     return 0
 
 
@@ -178,12 +197,12 @@ def _check_output(path: Path, directory: bool) -> None:
 
 def calibration_study_name(plan, args: argparse.Namespace) -> str:
     """A readable Optuna study name: :func:`~.calibrate.default_study_name` (model, image) and the data and the
-    floor, e.g. ``calibrate/infinity-8b/1024px-1:1/synthetic-mixed/min-mass>=0.9``: a study continued with other
-    data or another floor would mix objectives."""
+    floor, e.g. ``calibrate/infinity-8b/1024px-1:1/synthetic-mixed/min-mass>=0.9,error<=0.5``: a study resumed
+    with other data or another floor would mix objectives."""
     from .calibrate import default_study_name
 
     data = f"synthetic-{args.synthetic}" if args.synthetic else f"captures-{Path(args.captures).name}"
-    error = f",error<={args.max_error:g}" if args.max_error is not None else ""
+    error = f",error<={args.max_error:g}" if args.max_error is not None else ",no-error-cap"
     return f"{default_study_name(plan)}/{data}/{args.aggregate}-mass>={args.min_mass:g}{error}"
 
 
@@ -208,8 +227,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_int_list, help="layers to use (default: all captured; synthetic: all)")
     p.add_argument("--min-mass", type=float_range(0, 1), default=0.9, help="captured-mass floor, in (0, 1] "
                                                                           "(default 0.9)")
-    p.add_argument("--max-error", type=float_range(0), help="relative L2 output error ceiling, > 0 (off by "
-                                                            "default)")
+    p.add_argument("--max-error", type=_max_error, default=DEFAULT_MAX_ERROR, metavar="X|off",
+                   help=f"cap on the relative L2 output error of the worst (scale, layer), > 0, or off (default "
+                        f"{DEFAULT_MAX_ERROR:g}: every plan meeting the 0.9 mass floor on the synthetic presets "
+                        "stays within it; on real captures choose it from your own fidelity report)")
     p.add_argument("--aggregate", choices=("min", "mean"), default="min",
                    help="floor on the worst (scale, layer) (default) or on the mean")
     p.add_argument("--trials", type=int_range(1, 100_000), default=40, help="Optuna trials (>= 1; default 40)")
@@ -221,7 +242,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decision-scales", type=_int_list, help="decision scales to search (default n-5..n-2)")
     p.add_argument("--blocks", type=block_sizes, help="block sizes to search (default 64,128)")
     p.add_argument("--topk-fractions", type=_fractions, help="CS4A top-k fractions (default .1,.15,.2,.3,.4)")
-    p.add_argument("-o", "--output", type=output_file, help="plan-config YAML (default calibrated-<model>.yaml)")
+    p.add_argument("--residual", choices=tuple(_CHOICES), default="search",
+                   help="CS4A residual: search on and off, judged by measured error (default), or fix it")
+    p.add_argument("--decision-band", choices=tuple(_CHOICES), default="off",
+                   help="give the decision-scale CS4A pattern the later scales' local band (default off: the "
+                        "runtime does not run it yet; 'search' or 'on' are for fidelity studies)")
+    p.add_argument("-o", "--output", type=output_file, help="plan-config YAML (default calibrated-<model>.yaml); "
+                                                           "the Pareto chart goes beside it (<name>.pareto.png)")
     p.add_argument("--json", type=output_file, help="also write every trial and the verification as JSON")
     p.add_argument("--storage", metavar="URL", type=database_location,
                    help="keep the Optuna study in this database (a SQLAlchemy URL such as sqlite:///cal.sqlite or "

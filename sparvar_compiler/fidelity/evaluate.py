@@ -3,7 +3,10 @@
 For each layer and each evaluated query scale the dense float64 attention of a sample of query rows is the
 reference; every mode's mask (:mod:`.masks`) is applied to the same rows. CS4A modes select from the decision
 scale of the same layer (all of its rows) and, when the plan's ``residual`` option is on, add the decision
-scale's upsampled residual ``O_dense - O_sparse`` as SparVAR does. Skipped scales (``skip_last``) have no
+scale's upsampled residual ``O_dense - O_sparse`` as SparVAR does; the error of the other choice is recorded
+beside it (``rel_l2_no_residual`` or ``rel_l2_with_residual``), so that the residual can be judged by measured
+error. The random baselines are drawn ``random_draws`` times per (layer, head) and reported as mean and
+standard deviation over the draws (:mod:`.masks` says what each keeps). Skipped scales (``skip_last``) have no
 attention to measure: they are reported as skipped, with ``skip_upsample``: the error of replacing the scale's
 dense attention output by the upsampled output of the last computed scale (a proxy, not the model's output).
 """
@@ -19,17 +22,18 @@ import torch
 
 from ..errors import SparvarError
 from ..planner.csla import csla_layout
+from ..planner.layout import BlockLayout
 from ..planner.plan import Mode, Plan
 from ..planner.schedules import Schedule
-from .masks import (ModeMask, cs4a_layer_masks, cs4a_plan, csla_masks, random_block_mask,
-                    random_token_mask)
+from .masks import CS4ASelector, ModeMask, cs4a_plan, csla_masks, random_block_draw, random_token_mask
 from .modes import ALL_MODES, CS4A_VARIANTS, DEFAULT_MODES  # noqa: F401 - re-exported
-from .metrics import captured_mass, cosine_similarity, logits64, masked_output, relative_l2, softmax64, sparse_attention
+from .metrics import captured_mass, cosine_similarity, logits64, relative_l2, softmax64, sparse_attention
 
 
 
 class AttentionSource(Protocol):
-    """What the evaluation reads: a capture directory or a synthetic generator."""
+    """What the evaluation reads: a capture directory or a synthetic generator. ``softmax_scale_source`` (optional)
+    says where ``softmax_scale`` came from; every report prints both."""
 
     schedule: Schedule
     softmax_scale: float
@@ -49,7 +53,8 @@ class EvalOptions:
     ``query_sample``: at most this many query rows per scale (seeded, the same rows for every layer and mode;
     0 = all rows). ``scales``: query scales (default: the decision scale to the last). ``layers``: default all
     the source has. ``block``: layout block side for the CSLA and random modes. ``errors``: also compute the
-    outputs' errors (False: captured mass only, cheaper).
+    outputs' errors (False: captured mass only, cheaper). ``random_draws``: draws of each random baseline per
+    (layer, head), reported as mean and standard deviation.
     """
 
     block: int = 128
@@ -59,6 +64,7 @@ class EvalOptions:
     layers: tuple[int, ...] | None = None
     seed: int = 0
     errors: bool = True
+    random_draws: int = 8
 
     def __post_init__(self) -> None:
         # A negative sample once meant "all rows" by accident; the block must be a layout block side.
@@ -67,11 +73,17 @@ class EvalOptions:
             raise SparvarError(f"query_sample must be an integer >= 0 (0 = all rows), got {self.query_sample!r}")
         if isinstance(self.block, bool) or not isinstance(self.block, (int, np.integer)) or self.block < 1:
             raise SparvarError(f"block must be a positive integer, got {self.block!r}")
+        draws = self.random_draws
+        if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or not 1 <= draws <= 1000:
+            raise SparvarError(f"random_draws must be an integer in 1..1000, got {draws!r}")
 
 
 @dataclass
 class Record:
-    """One (scale, layer, head, mode) figure. Masses are means (and the minimum) over the sampled rows."""
+    """One (scale, layer, head, mode) figure. Masses are means (and the minimum) over the sampled rows. For the
+    random modes every figure is the mean over ``draws`` draws and ``*_sd`` its standard deviation (ddof 1);
+    ``mass_min`` is then the worst row of any draw. For CS4A, ``rel_l2`` is with the residual if the plan adds
+    it, and ``rel_l2_no_residual`` / ``rel_l2_with_residual`` is the other choice."""
 
     scale: int
     layer: int
@@ -85,7 +97,12 @@ class Record:
     cosine: float | None = None
     density: float | None = None
     rel_l2_no_residual: float | None = None
+    rel_l2_with_residual: float | None = None
     plan_mode: str | None = None  # for "sparvar": the plan's mode of this (scale, layer)
+    mass_sd: float | None = None
+    rel_l2_sd: float | None = None
+    cosine_sd: float | None = None
+    draws: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -138,6 +155,14 @@ class Evaluation:
     rows: dict[int, int] = field(default_factory=dict)  # scale -> rows evaluated
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    softmax_scale: float | None = None
+    softmax_scale_source: str | None = None
+
+
+def softmax_scale_of(source: AttentionSource) -> tuple[float, str]:
+    """``(scale, where it came from)`` of a source (a source that does not say is reported as such)."""
+    where = getattr(source, "softmax_scale_source", None)
+    return float(source.softmax_scale), str(where) if where else "not stated by the source"
 
 
 def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOptions(),
@@ -156,8 +181,9 @@ def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOpt
     if hasattr(source, "require"):
         source.require(sorted(set(scales) | {S}), layers)  # type: ignore[attr-defined]
     ev = Evaluation(plan, options, source.describe())
+    ev.softmax_scale, ev.softmax_scale_source = softmax_scale_of(source)
     modes = list(options.modes)
-    static: dict[int, dict[str, ModeMask]] = {}
+    static: dict[int, tuple[dict[str, ModeMask], BlockLayout]] = {}
     row_sel = {s: sample_rows(plan.scales[s].tokens, options.query_sample, options.seed, s) for s in scales}
     ev.rows = {s: int(len(r)) for s, r in row_sel.items()}
     skipped = [s for s in scales if plan.scales[s].modes[0] == Mode.SKIPPED]
@@ -165,7 +191,7 @@ def evaluate(source: AttentionSource, plan: Plan, options: EvalOptions = EvalOpt
     for li, layer in enumerate(layers):
         tl = time.perf_counter()
         regime = source.regime(layer)
-        cs4a_state = _LayerCS4A(source, plan, layer, options.errors)
+        cs4a_state = _LayerCS4A(source, plan, layer, row_sel, options.errors)
         prev_out = None
         if skipped and options.errors:
             q, k, v = source.qkv(last_computed, layer)
@@ -197,50 +223,89 @@ def _plan_cs4a_mode(plan: Plan) -> str:
     raise SparvarError(f"no CS4A variant for cs4a={plan.config.cs4a} key_mapping={plan.config.key_mapping}")
 
 
-def _static_masks(plan: Plan, s: int, options: EvalOptions, modes: list[str]) -> dict[str, ModeMask]:
-    out = dict(csla_masks(plan, s, options.block))
-    if "random" in modes:
-        out["random"] = random_block_mask(csla_layout(plan, s, options.block, options.block), options.seed + s)
-    return out
+def _static_masks(plan: Plan, s: int, options: EvalOptions, modes: list[str]
+                  ) -> tuple[dict[str, ModeMask], BlockLayout]:
+    """The CSLA masks of scale ``s`` and the block layout the random baseline draws its equal density from."""
+    return dict(csla_masks(plan, s, options.block)), csla_layout(plan, s, options.block, options.block)
 
 
 class _LayerCS4A(dict):
-    """Per CS4A variant of one layer, computed on first use: ``(plan, masks by scale, decision residual)``."""
+    """Per CS4A variant of one layer, computed on first use: ``(plan, {scale: (mask of the evaluated rows
+    [B, H, R, kv_len], mean kept keys per query over the whole scale)}, decision residual or None)``.
 
-    def __init__(self, source: AttentionSource, plan: Plan, layer: int, errors: bool = True) -> None:
+    The patterns come from one :class:`~.masks.CS4ASelector` per layer (the decision scale's statistics computed
+    once for every variant), restricted to the evaluated rows; a test checks them against
+    :func:`sparvar_compiler.cs4a.select.cs4a_masks`."""
+
+    def __init__(self, source: AttentionSource, plan: Plan, layer: int, rows: dict[int, np.ndarray],
+                 errors: bool = True) -> None:
         super().__init__()
-        self.source, self.plan, self.layer, self.errors = source, plan, layer, errors
-        self._dec: tuple[torch.Tensor, torch.Tensor, _Dense] | None = None
+        self.source, self.plan, self.layer, self.rows, self.errors = source, plan, layer, rows, errors
+        self._dec: tuple[CS4ASelector, _Dense | None] | None = None
 
     def __missing__(self, name: str):
         if self._dec is None:
             q, k, v = self.source.qkv(self.plan.config.decision_scale, self.layer)
-            self._dec = (torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)),
-                         _dense(q, k, v, self.source.softmax_scale) if self.errors else None)
-        qt, kt, dense = self._dec
+            selector = CS4ASelector(torch.from_numpy(np.asarray(q)), torch.from_numpy(np.asarray(k)),
+                                    self.source.softmax_scale)
+            self._dec = (selector, _dense(q, k, v, self.source.softmax_scale) if self.errors else None)
+        selector, dense = self._dec
         mode, mapping = CS4A_VARIANTS[name]
         cplan = cs4a_plan(self.plan, mode, mapping)
-        masks, dec = cs4a_layer_masks(cplan, qt, kt, self.source.softmax_scale, mode, mapping, self.errors)
-        residual = dense.out - masked_output(dense.logits, dense.v, dec) if dec is not None else None
+        S = cplan.config.decision_scale
+        masks = selector.masks(cplan, mode, mapping, {s: r for s, r in self.rows.items() if s > S})
+        residual = None
+        if dense is not None:
+            # Kept whether or not the plan adds it: the record carries the error of both choices.
+            dec = selector.decision_mask(cplan, mode)
+            residual = dense.out - sparse_attention(dense.probs, dense.logits, dense.v, dec)[1]
         self[name] = (cplan, masks, residual)
         return self[name]
 
 
 def _add(ev: Evaluation, s: int, layer: int, regime: str, mode: str, mass, out, dense: _Dense, density: float,
-         no_residual=None, plan_mode: str | None = None) -> None:
+         other=None, plan_residual: bool = True, plan_mode: str | None = None) -> None:
+    """Records of one (scale, layer, mode), one per head; ``other`` is the CS4A output with the residual choice
+    the plan did not make."""
     heads = mass.shape[1]
     rel = relative_l2(out, dense.out) if out is not None else None
     cos = cosine_similarity(out, dense.out) if out is not None else None
-    rel0 = relative_l2(no_residual, dense.out) if no_residual is not None and out is not None else None
+    rel_other = relative_l2(other, dense.out) if other is not None and out is not None else None
     for h in range(heads):
+        alt = None if rel_other is None else float(rel_other[h])
         ev.records.append(Record(
             s, layer, h, mode, regime, mass=float(mass[:, h].mean()), mass_min=float(mass[:, h].min()),
             rel_l2=None if rel is None else float(rel[h]), cosine=None if cos is None else float(cos[h]),
-            density=density, rel_l2_no_residual=None if rel0 is None else float(rel0[h]), plan_mode=plan_mode))
+            density=density, rel_l2_no_residual=alt if plan_residual else None,
+            rel_l2_with_residual=None if plan_residual else alt, plan_mode=plan_mode))
+
+
+def _add_draws(ev: Evaluation, s: int, layer: int, regime: str, mode: str, dense: _Dense, density: float,
+               draw, draws: int, plan_mode: str | None = None) -> None:
+    """Records of a random baseline: ``draw(d)`` gives draw ``d``'s mask (broadcastable to ``[B, H, R, N]``);
+    per head the mean and standard deviation over the draws."""
+    heads = dense.probs.shape[1]
+    mass, mins, rel, cos = (np.zeros((draws, heads)) for _ in range(4))
+    for d in range(draws):
+        m, out = _sparse(dense, draw(d))
+        mass[d] = m.mean(dim=(0, 2)).numpy()
+        mins[d] = m.amin(dim=(0, 2)).numpy()
+        if out is not None:
+            rel[d] = relative_l2(out, dense.out).numpy()
+            cos[d] = cosine_similarity(out, dense.out).numpy()
+    ddof = 1 if draws > 1 else 0
+    errors = dense.v is not None
+    for h in range(heads):
+        ev.records.append(Record(
+            s, layer, h, mode, regime, mass=float(mass[:, h].mean()), mass_min=float(mins[:, h].min()),
+            rel_l2=float(rel[:, h].mean()) if errors else None, cosine=float(cos[:, h].mean()) if errors else None,
+            density=density, plan_mode=plan_mode, mass_sd=float(mass[:, h].std(ddof=ddof)),
+            rel_l2_sd=float(rel[:, h].std(ddof=ddof)) if errors else None,
+            cosine_sd=float(cos[:, h].std(ddof=ddof)) if errors else None, draws=draws))
 
 
 def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, mode: str, rows: np.ndarray,
-                  dense: _Dense, static: dict[str, ModeMask], cs4a_state: dict[str, Any],
+                  dense: _Dense, static: tuple[dict[str, ModeMask], BlockLayout], cs4a_state: dict[str, Any],
                   options: EvalOptions) -> None:
     sp = plan.scales[s]
     full = sp.tokens * sp.kv_len
@@ -260,35 +325,43 @@ def _mode_records(ev: Evaluation, plan: Plan, s: int, layer: int, regime: str, m
         ones = torch.ones(dense.probs.shape[:3], dtype=torch.float64)
         _add(ev, s, layer, regime, mode, ones, dense.out, dense, 1.0, plan_mode=plan_mode)
         return
-    if mode_eff in static:
-        mm = static[mode_eff]
+    masks, layout = static
+    if mode_eff in masks:
+        mm = masks[mode_eff]
         mask = torch.from_numpy(np.ascontiguousarray(np.asarray(mm.mask)[rows]))
         mass, out = _sparse(dense, mask)
         _add(ev, s, layer, regime, mode, mass, out, dense, mm.density(sp.tokens, sp.kv_len), plan_mode=plan_mode)
+        return
+    if mode_eff == "random":
+        sink_keys = plan.scales[plan.config.sink_scales].kv_offset if plan.config.sink_scales else 0
+        heads = dense.probs.shape[1]
+        _add_draws(ev, s, layer, regime, mode, dense, layout.computed_pairs() / full,
+                   lambda d: random_block_draw(layout, rows, heads, (options.seed, s, layer, d), sink_keys)[None],
+                   options.random_draws)
         return
     if mode_eff in CS4A_VARIANTS or mode_eff == "random_cs4a":
         if s <= plan.config.decision_scale:
             return  # CS4A applies after the decision scale only
         name = "cs4a_token" if mode_eff == "random_cs4a" else mode_eff
         cplan, masks, residual = cs4a_state[name]
-        full_mask = masks[s]
+        mask, keys_per_query = masks[s]
         idx = torch.from_numpy(rows)
-        mask = full_mask.index_select(2, idx)
+        density = keys_per_query / sp.kv_len
         if mode_eff == "random_cs4a":
-            rnd = random_token_mask(mask.sum(-1, dtype=torch.int64), sp.kv_len, options.seed + 1000 * s + layer)
-            mass, out = _sparse(dense, rnd.mask)
-            _add(ev, s, layer, regime, mode, mass, out, dense,
-                 float(full_mask.count_nonzero()) / (full_mask.shape[0] * full_mask.shape[1] * full), plan_mode=plan_mode)
+            counts = mask.sum(-1, dtype=torch.int64)
+            _add_draws(ev, s, layer, regime, mode, dense, density,
+                       lambda d: random_token_mask(counts, sp.kv_len, (options.seed, s, layer, d)).mask,
+                       options.random_draws, plan_mode=plan_mode)
             return
         from ..cs4a.select import upsample_residual
 
         mass, out0 = _sparse(dense, mask)
-        out = out0
-        if plan.config.residual and out0 is not None:
-            out = out0 + upsample_residual(residual, cplan, s).index_select(2, idx)
-        density = float(full_mask.count_nonzero()) / (full_mask.shape[0] * full_mask.shape[1] * full)
-        _add(ev, s, layer, regime, mode, mass, out, dense, density,
-             no_residual=out0 if plan.config.residual else None, plan_mode=plan_mode)
+        out, other = out0, None
+        if out0 is not None and residual is not None:
+            with_res = out0 + upsample_residual(residual, cplan, s).index_select(2, idx)
+            out, other = (with_res, out0) if plan.config.residual else (out0, with_res)
+        _add(ev, s, layer, regime, mode, mass, out, dense, density, other=other,
+             plan_residual=plan.config.residual, plan_mode=plan_mode)
 
 
 def _sparse(dense: _Dense, mask) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,11 +6,17 @@ Modes (one query scale of one layer):
 * ``csla_exact``: the same blocks, partial ones masked to the exact CSLA token mask (``token_exact``).
 * ``csla_gather``: the key-gather kernel: every query of a block attends to the union of the keys its block
   keeps (:func:`sparvar_compiler.codegen.triton_backend.kernel_mask`); fewer keys than whole blocks.
-* ``random``: as many kv blocks per query block as ``csla_block``, at random positions (seeded): the baseline a
+* ``random``: as many kv blocks per query block as ``csla_block``: the sink blocks (every kv block holding a
+  key of the sink scales, which CSLA always keeps) kept, the rest at random positions; drawn anew per (layer,
+  head) and several times (:func:`random_block_draw`), so the report gives its mean and spread: the baseline a
   structured layout must beat at equal density.
 * ``cs4a_token[_flat|_dap]`` / ``cs4a_block``: dynamic CS4A from the decision scale (token top-k with a key
   mapping; D-CSLA blocks), from :mod:`sparvar_compiler.cs4a.select`.
-* ``random_cs4a``: per query as many keys as ``cs4a_token`` keeps, uniformly at random.
+* ``random_cs4a``: per query as many keys as ``cs4a_token`` keeps, uniformly at random (no key kept for sure:
+  token CS4A keeps no fixed sinks either), drawn per (layer, head, query) and several times.
+
+The decision scale's own CS4A pattern (what the residual is taken against) is each group's top-k, plus, with
+the plan option ``decision_band``, the local band of the first later scale (:func:`decision_band_mask`).
 
 Cost is the (query, key) pairs a kernel computes: whole active blocks for the block kinds (also ``csla_exact``,
 which masks inside the blocks it computes), the kept pairs for gather and token kinds.
@@ -68,19 +74,51 @@ def csla_masks(plan: Plan, scale: int, block: int) -> dict[str, ModeMask]:
     }
 
 
-def random_block_mask(layout: BlockLayout, seed: int) -> ModeMask:
-    """Per query block, as many kv blocks as ``layout`` keeps there, chosen uniformly at random (seeded)."""
-    rng = np.random.default_rng(seed)
+def sink_blocks(layout: BlockLayout, sink_keys: int) -> int:
+    """kv blocks holding at least one of the first ``sink_keys`` keys (the sink scales' keys)."""
+    return min(-(-sink_keys // layout.block_n), layout.active().shape[1])
+
+
+def random_block_mask(layout: BlockLayout, seed: int, sink_keys: int = 0) -> ModeMask:
+    """Per query block, as many kv blocks as ``layout`` keeps there: the first ``sink_keys`` keys' blocks kept,
+    the others chosen uniformly at random (seeded); one draw, shared by every head."""
     active = layout.active()
-    out = np.zeros_like(active)
-    for i, n in enumerate(active.sum(axis=1)):
-        out[i, rng.choice(active.shape[1], size=int(n), replace=False)] = True
-    rand = BlockLayout.from_block_mask(out, layout.q_len, layout.kv_len, layout.block_m, layout.block_n)
+    blocks = _random_blocks(active, np.random.default_rng(seed), 1, sink_blocks(layout, sink_keys))[0]
+    rand = BlockLayout.from_block_mask(blocks, layout.q_len, layout.kv_len, layout.block_m, layout.block_n)
     return ModeMask(rand.to_token_mask(exact=False), float(rand.computed_pairs()))
 
 
-def random_token_mask(counts: torch.Tensor, kv_len: int, seed: int) -> ModeMask:
-    """``[B, H, q_len, kv_len]``: per query ``counts[b, h, q]`` keys chosen uniformly at random (seeded)."""
+def _random_blocks(active: np.ndarray, rng: np.random.Generator, heads: int, sinks: int) -> np.ndarray:
+    """bool ``[heads, q_blocks, kv_blocks]``: per (head, query block) the ``sinks`` leading kv blocks and
+    ``active[row].sum() - sinks`` others, uniformly without replacement."""
+    qb, kb = active.shape
+    need = active.sum(axis=1).astype(np.int64) - sinks
+    if (need < 0).any():
+        raise ValueError("the layout drops a sink block; a random layout of equal density cannot keep them all")
+    # The k smallest of uniform scores are a uniform k-subset; argsort twice gives each block its rank.
+    rank = np.argsort(np.argsort(rng.random((heads, qb, kb - sinks)), axis=-1), axis=-1)
+    out = np.zeros((heads, qb, kb), dtype=bool)
+    out[:, :, :sinks] = True
+    out[:, :, sinks:] = rank < need[None, :, None]
+    return out
+
+
+def random_block_draw(layout: BlockLayout, rows: np.ndarray, heads: int, seed: tuple[int, ...],
+                      sink_keys: int) -> torch.Tensor:
+    """bool ``[heads, len(rows), kv_len]``: one draw of :func:`random_block_mask` per head (``seed`` names the
+    draw, e.g. ``(seed, scale, layer, draw)``), restricted to the query ``rows``: the whole blocks each row's
+    query block keeps."""
+    blocks = _random_blocks(layout.active(), np.random.default_rng(list(seed)), heads,
+                            sink_blocks(layout, sink_keys))
+    per_row = torch.from_numpy(np.ascontiguousarray(blocks[:, np.asarray(rows) // layout.block_m]))
+    return per_row[..., torch.arange(layout.kv_len) // layout.block_n]
+
+
+def random_token_mask(counts: torch.Tensor, kv_len: int, seed: int | tuple[int, ...]) -> ModeMask:
+    """``[B, H, q_len, kv_len]``: per query ``counts[b, h, q]`` keys chosen uniformly at random (seeded by an
+    integer or a tuple such as ``(seed, scale, layer, draw)``)."""
+    if not isinstance(seed, int):
+        seed = int(np.random.SeedSequence(list(seed)).generate_state(1, dtype=np.uint64)[0] >> 1)
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(*counts.shape, kv_len, generator=g, dtype=torch.float64)
     # Keep the keys whose random score is among the row's ``count`` smallest (scores are distinct a.s.).
@@ -128,13 +166,40 @@ def cs4a_layer_masks(plan: Plan, q_dec: torch.Tensor, k_dec: torch.Tensor, softm
     decision mask [B, H, tokens_S, kv_len_S] or None)``.
 
     ``plan`` is a :func:`cs4a_plan`; ``q_dec``/``k_dec`` are the decision scale's q and whole cache k. The
-    decision mask (for the residual) is computed only ``with_decision``.
+    decision mask (for the residual) is computed only ``with_decision``; with the plan's ``decision_band`` it
+    holds the band of :func:`decision_band_mask` too.
     """
     from ..cs4a.select import cs4a_masks, decision_mask
 
     masks = cs4a_masks(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode)
     dec = decision_mask(plan, q_dec, k_dec, softmax_scale, mapping=mapping, mode=mode) if with_decision else None
+    if dec is not None:
+        dec = with_decision_band(plan, mode, dec)
     return masks, dec
+
+
+@lru_cache(maxsize=16)
+def decision_band_mask(plan: Plan) -> torch.Tensor:
+    """bool ``[tokens_S, kv_len_S]``: per query group of the decision scale, the keys of that scale within the
+    band of the first later scale (``band_windows[0]``-square windows around the group's queries,
+    :func:`~sparvar_compiler.planner.cs4a.band_keys`): the band every later CS4A scale keeps of its own scale."""
+    from ..planner.cs4a import band_keys
+
+    cfg = plan.config
+    dec = plan.scales[cfg.decision_scale]
+    window = cfg.band_windows[0] if cfg.band_windows else 1
+    out = torch.zeros(dec.tokens, dec.kv_len, dtype=torch.bool)
+    for g, keys in enumerate(band_keys(dec.h, dec.w, dec.kv_offset, cfg.group_size, window)):
+        out[g * cfg.group_size:(g + 1) * cfg.group_size, torch.from_numpy(keys)] = True
+    return out
+
+
+def with_decision_band(plan: Plan, mode: str, decision: torch.Tensor) -> torch.Tensor:
+    """The decision-scale pattern ``[B, H, tokens_S, kv_len_S]`` with the plan's ``decision_band`` applied (token
+    CS4A only: D-CSLA's decision rows already keep their diagonal blocks)."""
+    if not plan.config.decision_band or mode != "token":
+        return decision
+    return decision | decision_band_mask(plan)
 
 
 @lru_cache(maxsize=256)
@@ -233,11 +298,13 @@ class CS4ASelector:
         return num, idx, b.block, b.block
 
     def decision_mask(self, plan: Plan, mode: str) -> torch.Tensor:
-        """bool ``[B, H, tokens_S, kv_len_S]``: the pattern at the decision scale (for the residual)."""
+        """bool ``[B, H, tokens_S, kv_len_S]``: the pattern at the decision scale (for the residual), with the
+        plan's ``decision_band``."""
         S = plan.config.decision_scale
         num, idx, size, block_n = self._tables(plan, S, mode, "identity", self._selection(plan, mode))
         rows = torch.from_numpy(np.arange(plan.scales[S].tokens) // size)
-        return _row_pattern(num, idx, rows, plan.scales[S].kv_len, block_n or 1, 0.0).mask()
+        return with_decision_band(plan, mode, _row_pattern(num, idx, rows, plan.scales[S].kv_len, block_n or 1,
+                                                           0.0).mask())
 
     def patterns(self, plan: Plan, mode: str, mapping: str, rows: dict[int, np.ndarray]) -> dict[int, RowPattern]:
         """Per CS4A scale in ``rows``: the :class:`RowPattern` of those query rows.

@@ -13,3 +13,7 @@ CS4A_VARIANTS = {  # mode name -> (cs4a mode, key mapping)
 ALL_MODES = ("dense",) + CSLA_MODES + ("random",) + tuple(CS4A_VARIANTS) + ("random_cs4a", "sparvar")
 DEFAULT_MODES = ("dense", "csla_block", "csla_exact", "csla_gather", "random", "cs4a_token", "cs4a_block",
                  "random_cs4a", "sparvar")
+
+#: ``calibrate``'s default cap on the relative L2 output error of the worst (scale, layer); why this value:
+#: :mod:`sparvar_compiler.fidelity.calibrate`. Here so that the command line shows it without importing torch.
+DEFAULT_MAX_ERROR = 0.45

@@ -1,8 +1,10 @@
-"""The fidelity report: a printed table per regime, scale and mode, JSON with every figure, a heat-map PNG.
+"""The fidelity report: a printed table per regime, scale and mode, JSON with every figure, a heat-map PNG, and
+the calibration's cost vs mass vs error chart.
 
 Every figure carries its regime: ``captured`` (q/k/v of a real model) or the synthetic regime of its layer
 (``local``, ``content``, ...). Synthetic figures describe attention in a constructed regime; they are never
-image quality, and the report says so.
+image quality, and the report says so. Every report states the softmax scale its figures were computed with and
+where that scale came from, what the random baselines keep, and which layers each summary row averages over.
 """
 
 from __future__ import annotations
@@ -25,52 +27,130 @@ CAPTURED_NOTE = "captured q/k/v of a real model: attention fidelity per call, no
 HEATMAP_MODES = ("csla_block", "cs4a_token", "random", "sparvar")
 
 
+def baseline_text(draws: int) -> dict[str, str]:
+    """What each random baseline keeps, as the report states it."""
+    return {
+        "random": (f"as many kv blocks per query block as csla_block; the sink blocks (the kv blocks holding the sink "
+                   f"scales' keys, which CSLA always keeps) kept, the other blocks drawn uniformly per (layer, head); "
+                   f"mean and sd over {draws} draws"),
+        "random_cs4a": (f"as many keys per query as cs4a_token, drawn uniformly per (layer, head, query); no sink kept "
+                        f"(token CS4A keeps none for sure either); mean and sd over {draws} draws"),
+    }
+
+
+def layer_ranges(layers) -> str:
+    """``0-3, 8, 10-11``."""
+    vals = sorted(set(int(x) for x in layers))
+    parts, i = [], 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        parts.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
 def summarise(ev: Evaluation) -> list[dict[str, Any]]:
     """Per (regime, scale, mode): means over layers and heads of mass, rel. L2 and cosine; the worst row's mass;
-    the density (computed pairs / dense pairs); how many (layer, head) figures went in."""
+    the density (computed pairs / dense pairs); how many (layer, head) figures went in and the ``layers``.
+
+    Every column of a row averages over the same records. The CS4A residual's other choice
+    (``rel_l2_no_residual`` when the plan adds it, ``rel_l2_with_residual`` when it does not) counts a record
+    the residual does not apply to (a CSLA or dense layer of the ``sparvar`` row) at its own error, so that it
+    compares with ``rel_l2`` over the same layers; ``residual_layers`` names the layers it applies to. Random
+    rows add ``mass_sd``/``rel_l2_sd``/``cosine_sd``: the mean over (layer, head) of the standard deviation over
+    draws, and ``draws``."""
     groups: dict[tuple[str, int, str], list] = defaultdict(list)
-    skipped: dict[tuple[str, int], int] = defaultdict(int)
+    skipped: dict[tuple[str, int], list] = defaultdict(list)
     for r in ev.records:
         if r.status == "skipped":
-            skipped[(r.regime, r.scale)] += 1
+            skipped[(r.regime, r.scale)].append(r)
             continue
         groups[(r.regime, r.scale, r.mode)].append(r)
     out = []
     for (regime, scale, mode), rs in sorted(groups.items()):
-        row: dict[str, Any] = {"regime": regime, "scale": scale, "mode": mode, "n": len(rs)}
-        for key in ("mass", "rel_l2", "cosine", "density", "rel_l2_no_residual"):
+        row: dict[str, Any] = {"regime": regime, "scale": scale, "mode": mode, "n": len(rs),
+                               "layers": sorted({r.layer for r in rs})}
+        for key in ("mass", "rel_l2", "cosine", "density", "mass_sd", "rel_l2_sd", "cosine_sd"):
             vals = [getattr(r, key) for r in rs if getattr(r, key) is not None]
             if vals:
                 row[key] = float(np.mean(vals))
         mins = [r.mass_min for r in rs if r.mass_min is not None]
         if mins:
             row["mass_min"] = float(np.min(mins))
+        draws = {r.draws for r in rs if r.draws is not None}
+        if draws:
+            row["draws"] = max(draws)
+        for other in ("rel_l2_no_residual", "rel_l2_with_residual"):
+            applies = [r for r in rs if getattr(r, other) is not None]
+            if applies and all(r.rel_l2 is not None for r in rs):
+                vals = [getattr(r, other) if getattr(r, other) is not None else r.rel_l2 for r in rs]
+                row[other] = float(np.mean(vals))
+                row["residual_layers"] = sorted({r.layer for r in applies})
         out.append(row)
-    for (regime, scale), n in sorted(skipped.items()):
-        out.append({"regime": regime, "scale": scale, "mode": "sparvar", "status": "skipped", "n": n})
+    for (regime, scale), rs in sorted(skipped.items()):
+        out.append({"regime": regime, "scale": scale, "mode": "sparvar", "status": "skipped", "n": len(rs),
+                    "layers": sorted({r.layer for r in rs})})
     return out
 
 
-def format_table(summary: list[dict[str, Any]], synthetic: bool) -> str:
-    """A plain-text table of :func:`summarise`'s rows, one block per regime."""
+def softmax_scale_line(value: float | None, source: str | None) -> str:
+    if value is None:
+        return "softmax scale: not recorded"
+    return f"softmax scale: {value:.6g} ({source or 'not stated by the source'})"
+
+
+def format_table(summary: list[dict[str, Any]], synthetic: bool, softmax_scale: float | None = None,
+                 softmax_scale_source: str | None = None, draws: int | None = None) -> str:
+    """A plain-text table of :func:`summarise`'s rows, one block per regime, headed by the softmax scale and
+    what the random baselines keep (when given)."""
     lines = [SYNTHETIC_NOTE if synthetic else CAPTURED_NOTE]
-    head = f"{'scale':>5} {'mode':<16} {'density':>7} {'mass':>6} {'worst':>6} {'rel L2':>7} {'cosine':>7}  n"
+    if softmax_scale is not None:
+        lines.append(softmax_scale_line(softmax_scale, softmax_scale_source))
+    if draws is not None and any(r["mode"].startswith("random") for r in summary):
+        for mode, text in baseline_text(draws).items():
+            if any(r["mode"] == mode for r in summary):
+                lines.append(f"{mode}: {text}")
+    head = (f"{'scale':>5} {'mode':<16} {'density':>7} {'mass (+-sd)':>13} {'worst':>6} {'rel L2 (+-sd)':>13} "
+            f"{'cosine':>7}  n")
     regime = None
+    regime_layers: list[int] = []
     for r in summary:
         if r["regime"] != regime:
             regime = r["regime"]
-            lines += ["", f"regime: {regime}", head]
+            rows = [x for x in summary if x["regime"] == regime]
+            regime_layers = sorted({layer for x in rows for layer in x.get("layers", [])})
+            lines += ["", f"regime: {regime}; every row averages over layers {layer_ranges(regime_layers)} (all heads) "
+                          "unless it names others", head]
+        where = "" if r.get("layers", regime_layers) == regime_layers else f"  layers {layer_ranges(r['layers'])}"
         if r.get("status") == "skipped":
-            lines.append(f"{r['scale']:>5} {'sparvar':<16} skipped (scale skipping: no attention computed)")
+            lines.append(f"{r['scale']:>5} {'sparvar':<16} skipped (scale skipping: no attention computed){where}")
             continue
 
         def f(key: str, width: int, fmt: str = ".3f") -> str:
             return f"{r[key]:>{width}{fmt}}" if key in r else f"{'-':>{width}}"
 
-        extra = f"  (no residual: {r['rel_l2_no_residual']:.3f})" if "rel_l2_no_residual" in r else ""
-        lines.append(f"{r['scale']:>5} {r['mode']:<16} {f('density', 7)} {f('mass', 6)} {f('mass_min', 6)} "
-                     f"{f('rel_l2', 7)} {f('cosine', 7)}  {r['n']}{extra}")
+        def with_sd(key: str, width: int) -> str:
+            if key not in r:
+                return f"{'-':>{width}}"
+            text = f"{r[key]:.3f}" + (f"+-{r[key + '_sd']:.3f}" if key + "_sd" in r else "")
+            return f"{text:>{width}}"
+
+        extra = ""
+        for other, label in (("rel_l2_no_residual", "no residual"), ("rel_l2_with_residual", "with residual")):
+            if other in r:
+                extra = (f"  ({label}: {r[other]:.3f} over the same layers; the residual applies in layers "
+                         f"{layer_ranges(r['residual_layers'])})")
+        lines.append(f"{r['scale']:>5} {r['mode']:<16} {f('density', 7)} {with_sd('mass', 13)} {f('mass_min', 6)} "
+                     f"{with_sd('rel_l2', 13)} {f('cosine', 7)}  {r['n']}{where}{extra}")
     return "\n".join(lines)
+
+
+def format_report(ev: Evaluation) -> str:
+    """:func:`format_table` of an evaluation, with its softmax scale and baselines stated."""
+    return format_table(summarise(ev), ev.source.get("kind") == "synthetic", ev.softmax_scale,
+                        ev.softmax_scale_source, ev.options.random_draws)
 
 
 def report_dict(ev: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -81,9 +161,12 @@ def report_dict(ev: Evaluation, extra: dict[str, Any] | None = None) -> dict[str
         "note": SYNTHETIC_NOTE if synthetic else CAPTURED_NOTE,
         "regime_source": "synthetic" if synthetic else "captured",
         "model": ev.plan.model, "resolution": ev.plan.resolution, "aspect": ev.plan.aspect,
+        "softmax_scale": {"value": ev.softmax_scale, "source": ev.softmax_scale_source},
         "plan_config": ev.plan.config.to_dict(),
         "options": {"block": ev.options.block, "query_sample": ev.options.query_sample,
-                    "modes": list(ev.options.modes), "seed": ev.options.seed},
+                    "modes": list(ev.options.modes), "seed": ev.options.seed,
+                    "random_draws": ev.options.random_draws},
+        "baselines": {m: t for m, t in baseline_text(ev.options.random_draws).items() if m in ev.options.modes},
         "rows_per_scale": {str(k): v for k, v in ev.rows.items()},
         "source": ev.source,
         "seconds": round(ev.seconds, 2),
@@ -164,10 +247,11 @@ def _mass_label(v: float) -> str:
     return ">.9999" if text.startswith("1") else text.removeprefix("0")
 
 
-_MODE_TITLES = {"csla_block": "CSLA, whole blocks", "csla_exact": "CSLA, exact tokens", "csla_gather":
-                "CSLA, key gather", "random": "random blocks (same density)", "cs4a_token": "CS4A, token top-k",
-                "cs4a_block": "CS4A, D-CSLA blocks", "random_cs4a": "random keys (CS4A budget)",
-                "sparvar": "SparVAR plan (per layer mode)", "dense": "dense"}
+_MODE_TITLES = {"csla_block": "CSLA, whole blocks", "csla_exact": "CSLA, exact tokens",
+                "csla_gather": "CSLA, key gather", "random": "random blocks (same density, sinks kept)",
+                "cs4a_token": "CS4A, token top-k", "cs4a_block": "CS4A, D-CSLA blocks",
+                "random_cs4a": "random keys (CS4A budget, no sinks)", "sparvar": "SparVAR plan (per layer mode)",
+                "dense": "dense"}
 
 
 def write_heatmap(ev: Evaluation, path: str | Path, modes: tuple[str, ...] = HEATMAP_MODES,
@@ -238,10 +322,83 @@ def write_heatmap(ev: Evaluation, path: str | Path, modes: tuple[str, ...] = HEA
     synthetic = ev.source.get("kind") == "synthetic"
     what = (f"SYNTHETIC preset '{ev.source['preset']['name']}': a regime, not image quality" if synthetic
             else "captured q/k/v")
+    scale = f"softmax scale {ev.softmax_scale:.6g}" if ev.softmax_scale is not None else "softmax scale not recorded"
     fig.suptitle(f"{ev.plan.model} {ev.plan.resolution} px: softmax mass each plan mode keeps, per (layer, query "
-                 f"scale), mean over heads\n{what}; S = decision scale; dashed line = bound layer {bound}; "
-                 f"'-' = no figure (mode not used there)",
+                 f"scale), mean over heads (random: and over {ev.options.random_draws} draws); {scale}\n{what}; "
+                 f"S = decision scale; dashed line = bound layer {bound}; '-' = no figure (mode not used there)",
                  fontsize=9.5)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def write_pareto(result: Any, path: str | Path) -> Path | str:
+    """A calibration's search as a chart (PNG): attention cost against relative L2 error (left) and captured
+    mass (right) of every candidate, each coloured by the third figure (a candidate that misses the mass floor
+    has no error figure: grey, right only); the floor and the cap as lines, the Pareto front over (cost, mass,
+    error) ringed, the pick starred. Returns the path, or a message if
+    matplotlib is missing (the JSON holds the same figures)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return ("matplotlib is not installed: no Pareto chart written (the --json output holds the same figures; "
+                "pip install 'sparvar-compiler[plot]')")
+    search = [c for c in result.candidates if c.stage == "search"]
+    if not search:
+        return "no candidate to plot"
+    front = [result.candidates[i] for i in result.pareto()]
+    floor = result.floor
+    measured = np.array([c.rel_error is not None for c in search])
+    cost = np.array([100 * c.cost for c in search])
+    mass = np.array([c.mass for c in search])
+    err = np.array([c.rel_error if c.rel_error is not None else np.nan for c in search])
+    ok = np.array([c.feasible for c in search])
+    on_front = np.array([any(c is f for f in front) for c in search])
+    fig = Figure(figsize=(12, 5), dpi=120)
+    axes = fig.subplots(1, 2)
+    worst = floor.aggregate == "min"
+    panels = ((axes[0], err, mass, f"relative L2 error ({'worst (scale, layer)' if worst else 'mean'})",
+               "captured mass", "viridis", floor.max_rel_error),
+              (axes[1], mass, err, f"captured mass ({'worst (scale, layer)' if worst else 'mean'})",
+               "relative L2 error", "magma_r", floor.min_mass))
+    for ax, y, colour, ylabel, clabel, cmap, line in panels:
+        known = measured  # the points whose colour (or y) needs the error
+        vals = colour[known]
+        span = dict(vmin=float(np.min(vals)) if len(vals) else 0.0,
+                    vmax=float(np.max(vals)) if len(vals) and np.max(vals) > np.min(vals)
+                    else (float(np.min(vals)) if len(vals) else 0.0) + 1e-9)
+        sel_ok, sel_bad = ok & known, ~ok & known
+        sc = ax.scatter(cost[sel_ok], y[sel_ok], c=colour[sel_ok], cmap=cmap, s=28, edgecolors="black",
+                        linewidths=0.6, label="meets the floor (search)", **span)
+        if sel_bad.any():
+            ax.scatter(cost[sel_bad], y[sel_bad], c=colour[sel_bad], cmap=cmap, s=26, marker="x",
+                       label="misses the error cap", **span)
+        if y is mass and (~measured).any():
+            ax.scatter(cost[~measured], mass[~measured], s=22, marker="x", color="#aaaaaa",
+                       label="misses the mass floor (error not measured)")
+        ax.scatter(cost[on_front], y[on_front], s=110, facecolors="none", edgecolors="grey", linewidths=1.2,
+                   label="Pareto front over (cost, mass, error)", zorder=6)
+        if line is not None:
+            ax.axhline(line, color="red", linestyle="--", linewidth=1.0,
+                       label=("error cap" if y is err else "mass floor") + f" {line:g}")
+        pick_y = result.rel_error if y is err else result.mass
+        if pick_y is not None:
+            ax.scatter([100 * result.cost], [pick_y], marker="*", s=260, color="gold", edgecolors="black",
+                       zorder=5, label="recommended (verified on every layer)" + (" - dense" if result.fallback
+                                                                                   else ""))
+        ax.set_xlabel("attention cost, % of dense (query, key) pairs")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if known.any():
+            fig.colorbar(sc, ax=ax, label=clabel + " (search layers)")
+        ax.legend(fontsize=7, loc="best")
+    synthetic = result.source.get("kind") == "synthetic"
+    data = (f"SYNTHETIC preset '{result.source['preset']['name']}' (a regime, not image quality)" if synthetic
+            else f"captures {result.source.get('directory')}")
+    fig.suptitle(f"calibrate {result.model}: {len(search)} candidates on {data}\nfloor: {floor.describe()}",
+                 fontsize=9.5)
+    fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

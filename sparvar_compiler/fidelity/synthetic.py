@@ -3,8 +3,12 @@
 A synthetic workload proves only what its construction puts in: a head is local here because its logits
 contain a locality term, not because VAR heads are. Figures from it describe a *regime*, never image quality.
 
-Construction (per batch element and head; softmax scale 1)
--------------------------------------------------------------
+Construction (per batch element and head; logits as the softmax sees them)
+----------------------------------------------------------------------------
+The source's ``softmax_scale`` is the model family's default (:func:`family_softmax_scale`: 1.0 for Infinity);
+q is divided by it, so that ``softmax_scale * q . k`` is exactly the logit described here, whatever the
+family: the figures never depend on the scale, and a report of synthetic data says so.
+
 Every token has a normalised position ``n = ((u + 0.5) / h - 0.5, (v + 0.5) / w - 0.5)`` on its scale's
 ``h x w`` grid. q and k concatenate feature blocks whose dot products are, exactly:
 
@@ -126,6 +130,20 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def family_softmax_scale(model: ModelSpec) -> tuple[float, str]:
+    """``(scale, source text)``: the model family's default softmax scale
+    (:func:`~sparvar_compiler.fidelity.captures.default_softmax_scale`: 1.0 for Infinity, ``1/sqrt(head_dim)``
+    for VAR); a custom model has none, and synthetic data then uses SDPA's ``1/sqrt(head_dim)``."""
+    from .captures import default_softmax_scale
+
+    scale = default_softmax_scale(model)
+    if scale is not None:
+        how = "1.0" if scale == 1.0 else f"1/sqrt(head_dim) = 1/sqrt({model.head_dim})"
+        return scale, f"family default ({model.family}: {how})"
+    return 1.0 / math.sqrt(model.head_dim), (f"no family default ({model.family}): SDPA's 1/sqrt(head_dim) = "
+                                             f"1/sqrt({model.head_dim})")
+
+
 def _positions(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     ny = (np.arange(h) + 0.5) / h - 0.5
     nx = (np.arange(w) + 0.5) / w - 0.5
@@ -232,7 +250,9 @@ class SyntheticSource:
         if heads < 1 or batch < 1:
             raise SparvarError("heads and batch must be >= 1")
         self.heads, self.batch, self.seed = heads, batch, seed
-        self.softmax_scale = 1.0
+        self.softmax_scale, where = family_softmax_scale(self.model)
+        self.softmax_scale_source = (f"synthetic data: {where}; q is built so that the logits are the "
+                                     "construction's at this scale, so the figures do not depend on it")
         self.layers = tuple(range(self.model.depth)) if layers is None else tuple(layers)
         self.note = f"synthetic preset {self.preset.name}"
         self._cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
@@ -262,9 +282,9 @@ class SyntheticSource:
             knobs = self.head_knobs(layer, h)
             for b in range(self.batch):
                 rng = np.random.default_rng([self.seed, layer, h, b])
-                for arr, part in zip(out, synthetic_head(self.schedule, knobs, D, self.decision_scale,
-                                                         self.sink_scales, rng)):
-                    arr[b, h] = part
+                q, k, v = synthetic_head(self.schedule, knobs, D, self.decision_scale, self.sink_scales, rng)
+                out[0][b, h] = q / self.softmax_scale  # the logits are the construction's at softmax_scale
+                out[1][b, h], out[2][b, h] = k, v
         self._cache = (layer, tuple(out))  # type: ignore[assignment]
         return self._cache[1]
 
@@ -280,7 +300,8 @@ class SyntheticSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": "synthetic", "preset": self.preset.to_dict(self.model.depth), "heads": self.heads,
                 "batch": self.batch, "seed": self.seed, "decision_scale": self.decision_scale,
-                "sink_scales": self.sink_scales,
+                "sink_scales": self.sink_scales, "softmax_scale": self.softmax_scale,
+                "softmax_scale_source": self.softmax_scale_source,
                 "note": "synthetic regime built from explicit knobs: figures describe attention in that regime, "
                         "not image quality"}
 

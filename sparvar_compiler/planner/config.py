@@ -20,6 +20,12 @@ Defaults (documented in the README), for a schedule of ``n`` scales and a model 
   to the exact CSLA token mask.
 * ``residual`` = True: CS4A keeps the decision scale's ``O_dense - O_sparse`` per layer and adds its bilinear
   upsampling to the later scales' CS4A outputs, as SparVAR does.
+* ``decision_band`` = False: the decision scale's sparse pattern, which the residual is taken against, is each
+  group's own top-k only. True adds the local band of the first later scale (``band_windows[0]``) around each
+  group, as every later CS4A scale has, so the residual carries only what neither the top-k nor a band holds
+  (token CS4A only; D-CSLA's decision blocks already hold their +-1 diagonal). The fidelity report and
+  ``calibrate`` model it; the runtime does not yet (:func:`check_runtime_support` refuses it for a module).
+  Written by :meth:`PlanConfig.to_dict` only when true, so plans and modules of the default read as before.
 * D-CSLA (``cs4a: block``): ``dcsla_block`` = 64 (query and key block side), ``dcsla_coverage`` = 0.9 of each
   row's decision-scale mass, at least ``dcsla_min_blocks`` = 16 blocks and at most half the row.
 
@@ -71,6 +77,7 @@ class PlanConfig:
     dcsla_block: int = 64
     dcsla_coverage: float = 0.9
     dcsla_min_blocks: int = 16
+    decision_band: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "plan config")
@@ -80,6 +87,8 @@ class PlanConfig:
         for k in ("windows", "band_windows"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        if not d["decision_band"]:
+            del d["decision_band"]  # off: the dict (plan files, module manifests) reads as before the option
         return d
 
     def replace(self, **changes: Any) -> "PlanConfig":
@@ -166,7 +175,7 @@ def _check_option(name: str, value: Any, where: str) -> Any:
         return value
     if name in ("topk_fraction", "dcsla_coverage"):
         return _fraction(value, name, where)
-    if name in ("token_exact", "residual"):
+    if name in ("token_exact", "residual", "decision_band"):
         if not isinstance(value, bool):
             raise PlanConfigError(f"{where}: '{name}' must be true or false, got {shown(value)}")
         return value
@@ -199,6 +208,29 @@ def config_from_mapping(data: Any, where: str) -> PlanConfig:
         raise PlanConfigError(f"{where}: unknown option {shown(unknown[0])} (known: {', '.join(_FIELDS)})")
     kw = {name: _check_option(name, value, where) for name, value in data.items() if value is not None}
     return PlanConfig(**kw)
+
+
+#: Options the runtime (``sparvar_compiler.runtime``, ``emit``) cannot honour yet: name -> (value it cannot run,
+#: why). The fidelity report and ``calibrate`` model them; a module must not be emitted with them.
+RUNTIME_UNSUPPORTED = {
+    "decision_band": (True, "the emitted decision-scale CS4A tables hold each group's top-k only, without a band"),
+}
+
+
+def check_runtime_support(config: PlanConfig, where: str = "plan config") -> None:
+    """Refuse a config the runtime cannot run (:data:`RUNTIME_UNSUPPORTED`): call before emitting or tuning a
+    module, so that a module never silently runs another plan than the one its manifest names.
+
+    Raises
+    ------
+    PlanConfigError
+        ``<where>: 'decision_band: true' is not supported by the runtime yet (...)``.
+    """
+    for name, (value, why) in RUNTIME_UNSUPPORTED.items():
+        if getattr(config, name) == value:
+            shown_value = str(value).lower() if isinstance(value, bool) else value
+            raise PlanConfigError(f"{where}: '{name}: {shown_value}' is not supported by the runtime yet ({why}); "
+                                  f"it is a fidelity-study option: drop it to compile a module")
 
 
 def load_config_file(path: str | Path) -> PlanConfig:
